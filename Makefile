@@ -1,0 +1,38 @@
+# Every target installs what it needs into .venv first, so a fresh clone needs only
+# python3 (3.9 or newer) and make.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAGE  ?= dev
+
+.PHONY: test demo bench lint typecheck clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.test-installed: setup.py | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+$(VENV)/.dev-installed: setup.py | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
+	touch $@
+
+test: $(VENV)/.test-installed
+	$(BIN)/python -m pytest -q
+
+demo: $(VENV)/.test-installed
+	$(BIN)/python -m dxtrack.demo --stage $(STAGE)
+
+bench: $(VENV)/.test-installed
+	$(BIN)/python benchmarks/run.py
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check dxtrack tests benchmarks
+
+typecheck: $(VENV)/.dev-installed
+	$(BIN)/mypy dxtrack
+
+clean:
+	rm -rf $(VENV) .dxtrack_output build *.egg-info

@@ -1,0 +1,54 @@
+"""The ``dxtrack`` logger, with a rate limit so a failing endpoint cannot flood logs."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from cachetools import TTLCache
+
+__all__ = ["logger", "RateLimitedLog"]
+
+logger = logging.getLogger("dxtrack")
+
+
+class RateLimitedLog:
+    """Logs a message once per ``period`` seconds per key; counts what it held back.
+
+    The next message for a key says how many were suppressed since the last
+    one. The keys live in a bounded TTL cache, so a stream of distinct keys
+    cannot grow memory either.
+    """
+
+    def __init__(
+        self,
+        period: float = 60.0,
+        maxsize: int = 256,
+        timer: Callable[[], float] = time.monotonic,
+        log: logging.Logger = logger,
+    ) -> None:
+        self._seen: TTLCache = TTLCache(maxsize=maxsize, ttl=period, timer=timer)
+        self._suppressed: dict = {}
+        self._lock = threading.Lock()
+        self._log = log
+
+    def __call__(self, level: int, key: str, message: str, *args: Any, exc_info: Any = None) -> bool:
+        """Log unless ``key`` was logged within the period; returns whether it logged."""
+        with self._lock:
+            if key in self._seen:
+                self._suppressed[key] = self._suppressed.get(key, 0) + 1
+                return False
+            self._seen[key] = True
+            held_back = self._suppressed.pop(key, 0)
+        if held_back:
+            message += f" ({held_back} similar message(s) suppressed)"
+        self._log.log(level, message, *args, exc_info=exc_info)
+        return True
+
+    def warning(self, key: str, message: str, *args: Any) -> bool:
+        return self(logging.WARNING, key, message, *args)
+
+    def error(self, key: str, message: str, *args: Any, exc_info: Any = None) -> bool:
+        return self(logging.ERROR, key, message, *args, exc_info=exc_info)

@@ -1,0 +1,249 @@
+"""The public client: ``configure()``, ``metric()``, ``error()`` and friends."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+
+from ._logging import RateLimitedLog, logger
+from ._version import __version__
+from .buffer import CLOSED, DROPPED
+from .clock import Clock, SystemClock
+from .config import Config, settings_from_kwargs
+from .pipeline import Pipeline
+from .records import ERROR, METRIC, RecordBuilder
+from .sinks import sink_for
+
+__all__ = ["DXTrack"]
+
+
+class DXTrack:
+    """A dxtrack client. ``from dxtrack import dxtrack`` gives a ready-made one.
+
+    Independent instances share no state: each has its own settings, buffer,
+    worker and counters.
+
+    :param clock: the source of time for intervals, deadlines and waits; tests
+        pass a :class:`dxtrack.clock.ManualClock`.
+    """
+
+    __version__ = __version__
+
+    def __init__(self, *, clock: Optional[Clock] = None) -> None:
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        self._lock = threading.RLock()
+        # (builder, pipeline) swapped as one value, so a caller never sees half of a reconfigure.
+        self._state: Optional[Tuple[RecordBuilder, Pipeline]] = None
+        self._config: Optional[Config] = None
+        self._pipelines: List[Pipeline] = []
+        self._closed = False
+        self._refused: Dict[str, int] = {}
+        self._log = RateLimitedLog()
+
+    # -- configuration ---------------------------------------------------------
+    def configure(self, *, stage: str, context: str, run_id: str, **options: Any) -> Config:
+        """Validate the settings and start using them; returns the :class:`Config`.
+
+        Configuring again first sends whatever is pending under the old
+        settings (bounded by the old ``shutdown_timeout``).
+        """
+        config = settings_from_kwargs(dict(stage=stage, context=context, run_id=run_id, **options))
+        pipeline = Pipeline(config, sink_for(config), self._clock, self._log)
+        with self._lock:
+            old = self._state
+            self._state = (RecordBuilder(config), pipeline)
+            self._config = config
+            self._closed = False
+            self._pipelines.append(pipeline)
+        if old is not None:
+            old[1].close()
+        return config
+
+    @property
+    def config(self) -> Optional[Config]:
+        """The settings in use, or ``None`` before ``configure()``."""
+        return self._config
+
+    # -- recording -------------------------------------------------------------
+    def metric(
+        self,
+        name: str,
+        value: Any,
+        metadata: Optional[Mapping[str, Any]] = None,
+        timestamp: Any = None,
+    ) -> None:
+        """Record one metric.
+
+        :param name: a non-empty string, dotted by convention (``scrape.products``).
+        :param value: anything ``float()`` accepts that is finite; stored as a float.
+        :param metadata: merged over ``default_metadata`` (this call's keys win).
+        :param timestamp: a ``datetime`` (naive means UTC) or unix seconds; now by default.
+        :raises ValueError: for a bad name, value or timestamp.
+        :raises TypeError: for metadata that is not a dict.
+        """
+        state = self._state
+        if state is None:
+            self._refuse(METRIC)
+            return
+        builder, pipeline = state
+        body = builder.metric(name, value, metadata, timestamp)
+        seq = pipeline.put(METRIC, body, pipeline.metric_urgent)
+        if seq <= 0:
+            self._after_refusal(METRIC, seq, [body])
+        elif pipeline.metric_waits:
+            pipeline.wait_for(METRIC, seq)
+
+    def error(
+        self, metadata: Optional[Mapping[str, Any]] = None, exception: Optional[BaseException] = None
+    ) -> None:
+        """Record the exception being handled (or ``exception``), with its traceback.
+
+        Never raises: it is meant for ``except`` blocks, where an exception of
+        its own would hide the application's. Problems are logged instead.
+        """
+        try:
+            exc = exception if exception is not None else sys.exc_info()[1]
+            if exc is None:
+                self._log.warning(
+                    "error-without-exception",
+                    "dxtrack.error() was called with no exception being handled; nothing recorded",
+                )
+                return
+            if not isinstance(exc, BaseException):
+                self._log.warning(
+                    "error-not-exception",
+                    "dxtrack.error(exception=...) needs an exception, got %s; nothing recorded",
+                    type(exc).__name__,
+                )
+                return
+            state = self._state
+            if state is None:
+                self._refuse(ERROR)
+                return
+            builder, pipeline = state
+            try:
+                body = builder.error(exc, metadata)
+            except TypeError as bad_metadata:
+                self._log.warning("error-metadata", "dxtrack.error(): %s; recorded without it", bad_metadata)
+                body = builder.error(exc, None)
+            self._put_errors(pipeline, [body])
+        except Exception:
+            logger.exception("dxtrack.error() could not record the error")
+
+    def errors(
+        self, exceptions: Iterable[BaseException], metadata: Optional[Mapping[str, Any]] = None
+    ) -> None:
+        """Record several exceptions at once, each with its traceback when it has one.
+
+        :raises TypeError: before anything is recorded, if an item is not an
+            exception or ``metadata`` is not a dict.
+        """
+        items = list(exceptions)
+        for item in items:
+            if not isinstance(item, BaseException):
+                raise TypeError(f"errors() takes exceptions, got {type(item).__name__}: {item!r}")
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+        state = self._state
+        if state is None:
+            for _ in items:
+                self._refuse(ERROR)
+            return
+        builder, pipeline = state
+        self._put_errors(pipeline, [builder.error(exc, metadata) for exc in items])
+
+    def _put_errors(self, pipeline: Pipeline, bodies: List[bytes]) -> None:
+        results = pipeline.put_errors(bodies)
+        if DROPPED in results:
+            self._after_refusal(ERROR, DROPPED, [])
+        closed = [body for body, result in zip(bodies, results) if result == CLOSED]
+        if closed:
+            self._after_refusal(ERROR, CLOSED, closed)
+
+    def _after_refusal(self, stream: str, status: int, bodies: List[bytes]) -> None:
+        if status == DROPPED:
+            self._log.warning(
+                f"buffer-full:{stream}",
+                "dxtrack's %s buffer is full: records are being dropped (see stats()['dropped'])",
+                stream,
+            )
+            return
+        # CLOSED: a concurrent configure() replaced the pipeline; hand the record to the new one.
+        state = self._state
+        if state is None:
+            for _ in bodies:
+                self._refuse(stream)
+            return
+        pipeline = state[1]
+        if stream == METRIC:
+            for body in bodies:
+                seq = pipeline.put(METRIC, body, pipeline.metric_urgent)
+                if seq <= 0:
+                    self._refuse(stream)
+                elif pipeline.metric_waits:
+                    pipeline.wait_for(METRIC, seq)
+        else:
+            pipeline.put_errors(bodies)
+
+    def _refuse(self, stream: str) -> None:
+        reason = "closed" if self._closed else "not_configured"
+        with self._lock:
+            self._refused[reason] = self._refused.get(reason, 0) + 1
+        if reason == "closed":
+            message = "dxtrack was closed: %s records are dropped until configure() is called again"
+        else:
+            message = "dxtrack is not configured: call dxtrack.configure() first; %s dropped"
+        self._log.warning(reason, message, stream)
+
+    # -- checkpoints -------------------------------------------------------------
+    def flush_metrics_buffer(self, timeout: Optional[float] = None) -> bool:
+        """Send everything recorded before this call, on both streams, and wait.
+
+        :param timeout: seconds to wait at most; ``None`` waits until done.
+        :returns: True when all of it was delivered; False when something is
+            still pending at the timeout, or was dropped or failed.
+        """
+        state = self._state
+        if state is None:
+            return True
+        return state[1].flush(timeout)
+
+    flush = flush_metrics_buffer
+
+    def close(self, timeout: Optional[float] = None) -> bool:
+        """Flush (within ``timeout``, default ``shutdown_timeout``), then stop the worker.
+
+        Idempotent. Records made after ``close()`` are dropped with a warning
+        until ``configure()`` is called again.
+        """
+        with self._lock:
+            state = self._state
+            self._state = None
+            self._closed = True
+        if state is None:
+            return True
+        return state[1].close(timeout)
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters since this client was created, summed over its configurations.
+
+        ``enqueued``, ``delivered``, ``pending``, ``failed``, ``retried``,
+        ``batches``, ``dropped`` (a dict by reason) and whatever the sink adds.
+        """
+        with self._lock:
+            pipelines = list(self._pipelines)
+            total: Dict[str, Any] = {"dropped": dict(self._refused)}
+        for pipeline in pipelines:
+            for key, value in pipeline.stats().items():
+                if key == "dropped":
+                    for reason, count in value.items():  # type: ignore[attr-defined]
+                        total["dropped"][reason] = total["dropped"].get(reason, 0) + count
+                else:
+                    total[key] = total.get(key, 0) + value
+        for key in ("enqueued", "delivered", "pending", "failed", "retried", "batches"):
+            total.setdefault(key, 0)
+        return total
+
+    def __repr__(self) -> str:
+        return f"DXTrack({self._config!r})" if self._config else "DXTrack(not configured)"

@@ -1,0 +1,205 @@
+"""The validated, immutable settings of a dxtrack client.
+
+``configure()`` builds one :class:`Config` and every other part of the library
+reads from it. All validation happens here, once, so that the hot path
+(``metric()``) trusts what it is given.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Mapping, Optional
+
+from .exceptions import ConfigurationError
+
+__all__ = [
+    "Config",
+    "DEFAULT_BLOCK_TIMEOUT",
+    "DEFAULT_FLUSH_INTERVAL",
+    "DEFAULT_MAX_BUFFER_BYTES",
+    "DEFAULT_MAX_BUFFER_RECORDS",
+    "DEFAULT_MAX_RECORD_BYTES",
+    "DEFAULT_REGION",
+    "DEFAULT_RETRY_DEADLINE",
+    "DEFAULT_SHUTDOWN_TIMEOUT",
+    "DEFAULT_SYNC_TIMEOUT",
+    "STAGES",
+]
+
+STAGES = ("test", "dev", "prod")
+TIMESTAMP_FORMATS = ("unix", "datetime")
+TEST_OUTPUTS = ("file", "print")
+ON_FULL_POLICIES = ("drop_newest", "drop_oldest", "block")
+
+#: Region used when neither ``region_name`` nor the AWS session names one.
+DEFAULT_REGION = "eu-west-1"
+#: Records held per stream before ``on_full`` applies.
+DEFAULT_MAX_BUFFER_RECORDS = 100_000
+#: Serialized bytes held per stream before ``on_full`` applies.
+DEFAULT_MAX_BUFFER_BYTES = 32 * 1024 * 1024
+#: Seconds the oldest pending record waits before the worker sends it anyway.
+DEFAULT_FLUSH_INTERVAL = 5.0
+#: Seconds ``on_full='block'`` waits for room before dropping the record.
+DEFAULT_BLOCK_TIMEOUT = 1.0
+#: Seconds the exit flush may take before the interpreter is let go.
+DEFAULT_SHUTDOWN_TIMEOUT = 5.0
+#: Seconds a batch is retried after its first failed attempt before it counts as failed.
+DEFAULT_RETRY_DEADLINE = 60.0
+#: Seconds a synchronous (default mode) call waits for its record to be settled.
+DEFAULT_SYNC_TIMEOUT = 10.0
+#: Largest Firehose record dxtrack builds when packing lines (the service allows 1,024,000).
+DEFAULT_MAX_RECORD_BYTES = 1_000_000
+#: Firehose's own limit on one record, before base64.
+FIREHOSE_MAX_RECORD_BYTES = 1_024_000
+
+_SECRET_FIELDS = frozenset({"aws_secret_access_key", "aws_session_token"})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of one client. Build it with keywords; it validates itself.
+
+    The ``repr`` never shows a secret: the secret key and session token are
+    replaced by ``'***'`` and the access key id is cut to its last four
+    characters.
+    """
+
+    stage: str
+    context: str
+    run_id: str
+    default_metadata: Mapping[str, Any] = field(default_factory=dict)
+    # Credentials and AWS endpoint.
+    profile_name: Optional[str] = None
+    aws_access_key_id: Optional[str] = None
+    aws_secret_access_key: Optional[str] = None
+    aws_session_token: Optional[str] = None
+    region_name: Optional[str] = None
+    endpoint_url: Optional[str] = None
+    error_stream: Optional[str] = None
+    metric_stream: Optional[str] = None
+    pack_records: bool = True
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    # Delivery modes.
+    buffer_metrics: bool = False
+    use_async_requests: bool = False
+    papertrail_hostport: Optional[str] = None
+    # Record format and stage 'test' output.
+    timestamp_format: str = "unix"
+    output_dir: str = "./.dxtrack_output"
+    test_output: str = "file"
+    # The pipeline.
+    max_buffer_records: int = DEFAULT_MAX_BUFFER_RECORDS
+    max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES
+    on_full: str = "drop_newest"
+    block_timeout: float = DEFAULT_BLOCK_TIMEOUT
+    flush_interval: float = DEFAULT_FLUSH_INTERVAL
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    retry_deadline: float = DEFAULT_RETRY_DEADLINE
+    sync_timeout: float = DEFAULT_SYNC_TIMEOUT
+    #: A sink object replacing the stage's own destination (tests, custom outputs).
+    sink: Any = None
+
+    def __post_init__(self) -> None:
+        _choice("stage", self.stage, STAGES)
+        _text("context", self.context)
+        _text("run_id", self.run_id)
+        if self.default_metadata is None:
+            object.__setattr__(self, "default_metadata", {})
+        elif not isinstance(self.default_metadata, Mapping):
+            raise ConfigurationError(
+                f"default_metadata must be a dict or None, got {type(self.default_metadata).__name__}"
+            )
+        else:
+            # A private snapshot: later changes to the caller's dict change nothing.
+            object.__setattr__(self, "default_metadata", copy.deepcopy(dict(self.default_metadata)))
+        for name in (
+            "profile_name", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+            "region_name", "endpoint_url", "error_stream", "metric_stream",
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                _text(name, value)
+        if (self.aws_access_key_id is None) != (self.aws_secret_access_key is None):
+            raise ConfigurationError(
+                "aws_access_key_id and aws_secret_access_key must be given together"
+            )
+        for name in ("pack_records", "buffer_metrics", "use_async_requests"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigurationError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.papertrail_hostport is not None:
+            _hostport("papertrail_hostport", self.papertrail_hostport)
+        _choice("timestamp_format", self.timestamp_format, TIMESTAMP_FORMATS)
+        _choice("test_output", self.test_output, TEST_OUTPUTS)
+        if not isinstance(self.output_dir, (str, os.PathLike)) or not os.fspath(self.output_dir):
+            raise ConfigurationError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
+        _choice("on_full", self.on_full, ON_FULL_POLICIES)
+        _integer("max_buffer_records", self.max_buffer_records, minimum=1)
+        _integer("max_buffer_bytes", self.max_buffer_bytes, minimum=FIREHOSE_MAX_RECORD_BYTES)
+        _integer("max_record_bytes", self.max_record_bytes, minimum=1024,
+                 maximum=FIREHOSE_MAX_RECORD_BYTES)
+        for name in ("block_timeout", "flush_interval", "shutdown_timeout", "retry_deadline",
+                     "sync_timeout"):
+            _seconds(name, getattr(self, name))
+        if self.sink is not None and not callable(getattr(self.sink, "send", None)):
+            raise ConfigurationError("sink must have a send(stream, lines) method")
+
+    def stream_name(self, stream: str) -> str:
+        """The Firehose delivery stream that receives ``stream`` ('metric' or 'error')."""
+        override = self.metric_stream if stream == "metric" else self.error_stream
+        return override or f"dxtrack-{stream}-input-{self.stage}"
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None or (f.name == "default_metadata" and not value):
+                continue
+            if f.name in _SECRET_FIELDS:
+                shown = "'***'"
+            elif f.name == "aws_access_key_id":
+                shown = repr("***" + value[-4:])
+            else:
+                shown = repr(value)
+            parts.append(f"{f.name}={shown}")
+        return f"Config({', '.join(parts)})"
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigurationError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _text(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigurationError(f"{name} must be a non-empty string, got {value!r}")
+
+
+def _integer(name: str, value: Any, *, minimum: int, maximum: Optional[int] = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
+        maximum is not None and value > maximum
+    ):
+        bound = f"from {minimum:,} to {maximum:,}" if maximum is not None else f"of at least {minimum:,}"
+        raise ConfigurationError(f"{name} must be a whole number {bound}, got {value!r}")
+
+
+def _seconds(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigurationError(f"{name} must be a number of seconds >= 0, got {value!r}")
+
+
+def _hostport(name: str, value: Any) -> None:
+    host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigurationError(f"{name} must look like 'host:port', got {value!r}")
+
+
+def settings_from_kwargs(kwargs: Dict[str, Any]) -> Config:
+    """Build a Config, turning an unknown keyword into a clear error."""
+    known = {f.name for f in fields(Config)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"configure() got unexpected keyword argument(s): {', '.join(unknown)}")
+    return Config(**kwargs)

@@ -1,0 +1,198 @@
+"""One client's delivery pipeline: buffer, worker, sink, and their lifecycle.
+
+The pipeline decides how long a caller waits (the delivery modes), starts the
+worker on the first record and again if it ever dies, implements flush and
+close with honest deadlines, survives ``fork()``, and flushes at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import time
+import weakref
+from typing import Dict, List, Optional, Sequence
+
+from ._logging import RateLimitedLog, logger
+from .buffer import RingBuffer
+from .clock import Clock
+from .config import Config
+from .records import ERROR
+from .sinks.base import Sink, sink_after_fork, sink_stats
+from .worker import Worker
+
+__all__ = ["Pipeline"]
+
+_live: "weakref.WeakSet[Pipeline]" = weakref.WeakSet()
+_live_lock = threading.Lock()
+
+
+class Pipeline:
+    """Moves the records of one configuration to one sink."""
+
+    def __init__(self, config: Config, sink: Sink, clock: Clock, log: RateLimitedLog) -> None:
+        self.config = config
+        self.sink = sink
+        self.clock = clock
+        self.log = log
+        # Delivery modes: does a record wake the worker, does the caller wait for it?
+        self.metric_urgent = not config.buffer_metrics
+        self.metric_waits = self.metric_urgent and not config.use_async_requests
+        self.error_waits = not config.use_async_requests
+        self.buffer = RingBuffer(
+            max_records=config.max_buffer_records,
+            max_bytes=config.max_buffer_bytes,
+            on_full=config.on_full,
+            block_timeout=config.block_timeout,
+            flush_interval=config.flush_interval,
+            batch_lines=sink.max_batch_lines,
+            batch_bytes=sink.max_batch_bytes,
+            clock=clock,
+        )
+        self.buffer.start_worker = self._start_worker
+        #: The caller's entry point: ``put(stream, body, urgent) -> sequence number``.
+        self.put = self.buffer.put
+        self.worker_thread: Optional[threading.Thread] = None
+        self._start_lock = threading.Lock()
+        self._closed_ok: Optional[bool] = None
+        self._close_lock = threading.Lock()
+        with _live_lock:
+            _live.add(self)
+
+    # -- the caller's path ---------------------------------------------------
+    def wait_for(self, stream: str, seq: int) -> bool:
+        """Block until record ``seq`` of ``stream`` is settled, at most ``sync_timeout``."""
+        return self.buffer.wait_settled({stream: seq}, self.config.sync_timeout)
+
+    def put_errors(self, bodies: Sequence[bytes]) -> List[int]:
+        """Queue error bodies together, then wait once if the mode says so.
+
+        Returns what ``put`` returned for each body.
+        """
+        put = self.buffer.put
+        results = [put(ERROR, body, True) for body in bodies]
+        last = max(results, default=0)
+        if last > 0 and self.error_waits:
+            self.wait_for(ERROR, last)
+        return results
+
+    def _start_worker(self) -> bool:
+        with self._start_lock:
+            buffer = self.buffer
+            if buffer.worker_running:
+                return True
+            worker = Worker(buffer, self.sink, retry_deadline=self.config.retry_deadline, log=self.log)
+            thread = threading.Thread(
+                target=self._run_worker, args=(worker,), name="dxtrack-worker", daemon=True
+            )
+            try:
+                thread.start()
+            except RuntimeError:  # interpreter shutting down: no new threads
+                return False
+            self.worker_thread = thread
+            buffer.worker_running = True
+            return True
+
+    def _run_worker(self, worker: Worker) -> None:
+        try:
+            worker.run()
+        finally:
+            self.buffer.worker_running = False
+
+    # -- checkpoints -----------------------------------------------------------
+    def flush(self, timeout: Optional[float]) -> bool:
+        """Send everything accepted so far; True once all of it was delivered."""
+        buffer = self.buffer
+        targets = buffer.request_flush()
+        with buffer.lock:
+            starts = {name: buffer.streams[name].settled + 1 for name in targets}
+        if any(starts[name] <= target for name, target in targets.items()):
+            if not buffer.worker_running and not self._start_worker():
+                self._deliver_inline()
+            if not buffer.wait_settled(targets, timeout):
+                return False
+        return not any(
+            buffer.lost_between(name, starts[name], targets[name]) for name in targets
+        )
+
+    def close(self, timeout: Optional[float] = None) -> bool:
+        """Flush within ``timeout`` seconds, stop the worker, release the sink.
+
+        Idempotent: later calls return the first call's verdict at once.
+        """
+        with self._close_lock:
+            if self._closed_ok is not None:
+                return self._closed_ok
+            timeout = self.config.shutdown_timeout if timeout is None else timeout
+            started = time.monotonic()
+            ok = self.flush(timeout)
+            self.buffer.close()
+            thread = self.worker_thread
+            if thread is not None:
+                thread.join(max(0.0, timeout - (time.monotonic() - started)))
+            self.buffer.stop()
+            if thread is None or not thread.is_alive():
+                self._close_sink()
+            if not ok:
+                s = self.stats()
+                logger.error(
+                    "dxtrack closed with records not delivered: %d pending, %d failed, "
+                    "%d dropped (%r)",
+                    s["pending"], s["failed"], sum(s["dropped"].values()), self.sink,
+                )
+            self._closed_ok = ok
+            with _live_lock:
+                _live.discard(self)
+            return ok
+
+    def _close_sink(self) -> None:
+        try:
+            self.sink.close()
+        except Exception as exc:
+            self.log.warning("sink-close", "dxtrack could not close %r: %r", self.sink, exc)
+
+    def _deliver_inline(self) -> None:
+        """Last resort when no thread can be started (interpreter shutdown)."""
+        self.buffer.close()
+        Worker(self.buffer, self.sink, retry_deadline=0.0, log=self.log).run()
+
+    # -- introspection and process events ----------------------------------------
+    def stats(self) -> Dict[str, object]:
+        snapshot = self.buffer.snapshot()
+        snapshot.update(sink_stats(self.sink))
+        return snapshot
+
+    def after_fork_in_child(self) -> None:
+        """The parent's queue, locks and thread are the parent's: start afresh."""
+        self.buffer.after_fork_in_child()
+        self.worker_thread = None
+        self._start_lock = threading.Lock()
+        self._close_lock = threading.Lock()
+        sink_after_fork(self.sink)
+
+
+def _after_fork_in_child() -> None:
+    # No logging here: the logging lock may have been held at fork time.
+    global _live_lock
+    _live_lock = threading.Lock()
+    for pipeline in list(_live):
+        pipeline.after_fork_in_child()
+
+
+def _close_all_at_exit() -> None:
+    pipelines = list(_live)
+    if not pipelines:
+        return
+    deadline = time.monotonic() + max(p.config.shutdown_timeout for p in pipelines)
+    for pipeline in pipelines:
+        remaining = min(pipeline.config.shutdown_timeout, deadline - time.monotonic())
+        try:
+            pipeline.close(max(0.0, remaining))
+        except Exception:  # pragma: no cover - never let exit fail because of telemetry
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_all_at_exit)

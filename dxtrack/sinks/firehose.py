@@ -1,0 +1,179 @@
+"""Delivery to Amazon Data Firehose with ``PutRecordBatch``.
+
+Each :meth:`FirehoseSink.send` makes the calls one batch needs (one, almost
+always), reads every response, and sorts the lines into delivered, to retry
+(throttling, 5xx, connection trouble, entries with an ``ErrorCode``) and
+failed (what retrying cannot fix: a missing stream, refused credentials).
+Retrying itself is the pipeline's job.
+
+The boto3 client is created lazily in the process that uses it, and again
+after a fork: a client, and its connection pool, is never shared across one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from .._version import __version__
+from ..config import DEFAULT_REGION, Config
+from .base import DELIVERED, SendResult
+from .packing import MAX_CALL_BYTES, MAX_CALL_RECORDS, Record, plan_calls
+
+__all__ = ["FirehoseSink"]
+
+#: Error codes that say "try again later".
+RETRYABLE_CODES = frozenset({
+    "ServiceUnavailableException", "ThrottlingException", "Throttling", "LimitExceededException",
+    "InternalFailure", "InternalFailureException", "InternalServerError", "RequestTimeout",
+    "RequestTimeoutException", "RequestLimitExceeded", "TooManyRequestsException",
+})
+#: What to tell the user to check when the service refuses for good.
+ADVICE = {
+    "ResourceNotFoundException": "check that the delivery stream exists in this account and "
+    "region, or set metric_stream / error_stream",
+    "AccessDeniedException": "check that the credentials may call firehose:PutRecordBatch on it",
+    "UnrecognizedClientException": "check the AWS access key id and secret",
+    "InvalidSignatureException": "check the AWS secret access key",
+    "ExpiredTokenException": "the session token has expired: refresh the credentials",
+    "InvalidArgumentException": "a record was refused as invalid; this is a dxtrack bug, "
+    "please report it",
+}
+
+#: Timeouts and pool size: a hung endpoint costs seconds, not minutes.
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 15.0
+
+
+class FirehoseSink:
+    """Sends lines to the stage's two delivery streams."""
+
+    def __init__(self, config: Config, *, client: Any = None) -> None:
+        self.config = config
+        self.packed = config.pack_records
+        self.max_record_bytes = config.max_record_bytes
+        # One batch from the buffer is one call: 4 MiB, and 500 lines when each is a record.
+        self.max_batch_bytes = MAX_CALL_BYTES
+        self.max_batch_lines = 1_000_000 if self.packed else MAX_CALL_RECORDS
+        self.streams = {name: config.stream_name(name) for name in ("metric", "error")}
+        self.region: Optional[str] = config.region_name
+        self._client = client
+        self._client_pid = os.getpid() if client is not None else None
+        self._counts: Dict[str, int] = {
+            "put_record_batch_calls": 0, "firehose_records": 0, "bytes_sent": 0,
+        }
+
+    # -- the client --------------------------------------------------------------
+    def client(self) -> Any:
+        """The boto3 Firehose client of this process, created on first use."""
+        if self._client is None or self._client_pid != os.getpid():
+            c = self.config
+            if c.aws_access_key_id:
+                session = boto3.session.Session(
+                    aws_access_key_id=c.aws_access_key_id,
+                    aws_secret_access_key=c.aws_secret_access_key,
+                    aws_session_token=c.aws_session_token,
+                    region_name=c.region_name,
+                )
+            else:
+                session = boto3.session.Session(profile_name=c.profile_name, region_name=c.region_name)
+            self.region = session.region_name or DEFAULT_REGION
+            self._client = session.client(
+                "firehose",
+                region_name=self.region,
+                endpoint_url=c.endpoint_url,
+                config=botocore.config.Config(
+                    connect_timeout=CONNECT_TIMEOUT,
+                    read_timeout=READ_TIMEOUT,
+                    max_pool_connections=2,
+                    retries={"mode": "standard", "total_max_attempts": 1},
+                    user_agent_extra=f"dxtrack/{__version__}",
+                ),
+            )
+            self._client_pid = os.getpid()
+        return self._client
+
+    def after_fork(self) -> None:
+        self._client = None
+
+    # -- sending -------------------------------------------------------------------
+    def send(self, stream: str, lines: Sequence[bytes]) -> SendResult:
+        name = self.streams[stream]
+        try:
+            client = self.client()
+        except botocore.exceptions.BotoCoreError as exc:
+            return SendResult(failed=len(lines), error=self._describe(name, exc, "check the "
+                              "AWS profile and credentials given to configure()"))
+        retry: List[bytes] = []
+        calls = list(plan_calls(lines, packed=self.packed, max_record_bytes=self.max_record_bytes))
+        for index, call in enumerate(calls):
+            outcome = self._put(client, name, call)
+            if outcome is None:
+                continue
+            if isinstance(outcome, list):
+                retry.extend(outcome)
+                continue
+            # The whole call failed: this call's lines and every later call's share its fate.
+            rest = [line for later in calls[index:] for _, carried in later for line in carried]
+            permanent, message = outcome
+            if permanent:
+                return SendResult(retry=retry, failed=len(rest), error=message)
+            return SendResult(retry=retry + rest, error=message)
+        if retry:
+            return SendResult(retry=retry, error=f"{name}: some records were refused for now "
+                              "(throttled or internal failure)")
+        return DELIVERED
+
+    def _put(self, client: Any, name: str, call: List[Record]) -> Any:
+        """One call. None: all delivered; a list: lines to retry; (permanent, message)."""
+        try:
+            response = client.put_record_batch(
+                DeliveryStreamName=name, Records=[{"Data": data} for data, _ in call]
+            )
+        except botocore.exceptions.ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = error.get("Code", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            permanent = code not in RETRYABLE_CODES and status < 500
+            return permanent, self._describe(name, exc, ADVICE.get(code, ""))
+        except (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError,
+                botocore.exceptions.ParamValidationError) as exc:
+            return True, self._describe(name, exc, "check the AWS credentials given to configure()")
+        except botocore.exceptions.BotoCoreError as exc:  # connection trouble, timeouts
+            return False, self._describe(name, exc, "")
+        counts = self._counts
+        counts["put_record_batch_calls"] += 1
+        counts["firehose_records"] += len(call)
+        counts["bytes_sent"] += sum(len(data) for data, _ in call)
+        if not response.get("FailedPutCount"):
+            return None
+        answers = response.get("RequestResponses") or []
+        if len(answers) != len(call):  # cannot tell which failed: send them all again
+            return [line for _, carried in call for line in carried]
+        return [
+            line
+            for (_, carried), answer in zip(call, answers)
+            if answer.get("ErrorCode")
+            for line in carried
+        ]
+
+    def _describe(self, name: str, exc: Exception, advice: str) -> str:
+        where = f"delivery stream {name!r} in region {self.region or DEFAULT_REGION!r}"
+        text = f"PutRecordBatch to {where} failed: {type(exc).__name__}: {exc}"
+        return f"{text}; {advice}" if advice else text
+
+    def stats(self) -> Dict[str, int]:
+        return dict(self._counts)
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        close = getattr(client, "close", None)
+        if callable(close):
+            close()
+
+    def __repr__(self) -> str:
+        return f"FirehoseSink(streams={self.streams!r}, region={self.region!r})"

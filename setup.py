@@ -1,0 +1,44 @@
+import os
+
+from setuptools import find_packages, setup
+
+here = os.path.dirname(os.path.abspath(__file__))
+version: dict = {}
+with open(os.path.join(here, "dxtrack", "_version.py")) as f:
+    exec(f.read(), version)
+with open(os.path.join(here, "README.md"), encoding="utf-8") as f:
+    long_description = f.read()
+
+setup(
+    name="dxtrack",
+    version=version["__version__"],
+    description="Metrics and errors from Python jobs to Amazon Data Firehose, fast and fork-safe",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["dxtrack", "dxtrack.*"]),
+    package_data={"dxtrack": ["py.typed"]},
+    python_requires=">=3.9",
+    install_requires=[
+        "boto3>=1.26",
+        "orjson>=3.8",
+        "cachetools>=5.0",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=7",
+            "moto[server]>=5.0",
+            "hypothesis>=6",
+        ],
+        "dev": [
+            "mypy>=1.5",
+            "ruff>=0.4",
+            "boto3-stubs[firehose]",
+            "types-cachetools",
+        ],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Typing :: Typed",
+    ],
+)
