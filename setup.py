@@ -24,6 +24,8 @@ setup(
         "cachetools>=5.0",
     ],
     extras_require={
+        # The embedded Firehose and S3 that `make demo` runs against.
+        "demo": ["moto[server]>=5.0"],
         "test": [
             "pytest>=7",
             "moto[server]>=5.0",

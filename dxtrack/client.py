@@ -13,7 +13,7 @@ from .clock import Clock, SystemClock
 from .config import Config, settings_from_kwargs
 from .pipeline import Pipeline
 from .records import ERROR, METRIC, RecordBuilder
-from .sinks import sink_for
+from .sinks import Sink, sink_for
 
 __all__ = ["DXTrack"]
 
@@ -64,6 +64,12 @@ class DXTrack:
     def config(self) -> Optional[Config]:
         """The settings in use, or ``None`` before ``configure()``."""
         return self._config
+
+    @property
+    def sink(self) -> Optional[Sink]:
+        """The sink records go to (for tests and introspection), or ``None``."""
+        state = self._state
+        return state[1].sink if state is not None else None
 
     # -- recording -------------------------------------------------------------
     def metric(

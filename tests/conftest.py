@@ -1,0 +1,116 @@
+"""Shared fixtures: a moto server on 127.0.0.1, Firehose streams into S3, clients."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, Iterator, List
+
+import boto3
+import orjson
+import pytest
+import urllib.request
+
+from dxtrack import DXTrack
+
+REGION = "eu-west-1"
+BUCKET = "dxtrack-landing"
+CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+
+
+@pytest.fixture(autouse=True)
+def _no_real_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """No test may find real credentials or configuration on the machine."""
+    for name in list(os.environ):
+        if name.startswith(("AWS_", "DXTRACK_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture(scope="session")
+def moto_url() -> Iterator[str]:
+    """A moto server for the whole session; each test using ``firehose`` resets it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+class Landing:
+    """The S3 side of the moto server: what Firehose delivered, per stream."""
+
+    def __init__(self, url: str, stage: str = "dev") -> None:
+        self.url = url
+        self.stage = stage
+        kwargs: Dict[str, Any] = dict(region_name=REGION, endpoint_url=url, **CREDENTIALS)
+        self.s3 = boto3.client("s3", **kwargs)
+        self.firehose = boto3.client("firehose", **kwargs)
+
+    def create(self, streams: tuple = ("metric", "error")) -> None:
+        self.s3.create_bucket(
+            Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION}
+        )
+        for stream in streams:
+            self.firehose.create_delivery_stream(
+                DeliveryStreamName=f"dxtrack-{stream}-input-{self.stage}",
+                DeliveryStreamType="DirectPut",
+                ExtendedS3DestinationConfiguration={
+                    "RoleARN": "arn:aws:iam::123456789012:role/dxtrack",
+                    "BucketARN": f"arn:aws:s3:::{BUCKET}",
+                    "Prefix": f"{stream}/",
+                },
+            )
+
+    def objects(self, stream: str) -> List[bytes]:
+        """Every S3 object body under the stream's prefix (one per PutRecordBatch call)."""
+        bodies = []
+        paginator = self.s3.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=BUCKET, Prefix=f"{stream}/"):
+            for item in page.get("Contents", []):
+                bodies.append(self.s3.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read())
+        return bodies
+
+    def lines(self, stream: str) -> List[bytes]:
+        return [line for body in self.objects(stream) for line in body.splitlines()]
+
+    def records(self, stream: str) -> List[Dict[str, Any]]:
+        return [orjson.loads(line) for line in self.lines(stream)]
+
+    def client_options(self) -> Dict[str, Any]:
+        """What ``configure()`` needs to send to this server."""
+        return dict(stage=self.stage, endpoint_url=self.url, region_name=REGION, **CREDENTIALS)
+
+
+@pytest.fixture
+def landing(moto_url: str) -> Landing:
+    """A clean moto server with the bucket and both dev streams created."""
+    request = urllib.request.Request(f"{moto_url}/moto-api/reset", method="POST")
+    urllib.request.urlopen(request, timeout=10).close()
+    result = Landing(moto_url)
+    result.create()
+    return result
+
+
+@pytest.fixture
+def make_client() -> Iterator[Callable[..., DXTrack]]:
+    """Configured DXTrack instances, closed after the test."""
+    made: List[DXTrack] = []
+
+    def make(**options: Any) -> DXTrack:
+        client = DXTrack(clock=options.pop("clock", None))
+        options.setdefault("context", "tests")
+        options.setdefault("run_id", "run-1")
+        options.setdefault("stage", "test")
+        client.configure(**options)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close(timeout=5)
