@@ -27,5 +27,5 @@ __all__ = [
     "dxtrack",
 ]
 
-#: The ready-made client most programs use.
-dxtrack = DXTrack()
+#: The ready-made client most programs use; its settings reach child processes.
+dxtrack = DXTrack(inherit=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
@@ -12,10 +13,18 @@ from .buffer import CLOSED, DROPPED
 from .clock import Clock, SystemClock
 from .config import Config, settings_from_kwargs
 from .pipeline import Pipeline
+from .processes import (
+    export_settings,
+    inherited_settings,
+    reserve_settings_path,
+    withdraw_settings,
+)
 from .records import ERROR, METRIC, RecordBuilder
 from .sinks import Sink, sink_for
 
 __all__ = ["DXTrack"]
+
+_State = Tuple[RecordBuilder, Pipeline]
 
 
 class DXTrack:
@@ -26,18 +35,28 @@ class DXTrack:
 
     :param clock: the source of time for intervals, deadlines and waits; tests
         pass a :class:`dxtrack.clock.ManualClock`.
+    :param inherit: share settings with child processes: ``configure()``
+        publishes its non-secret settings in the environment, and an
+        unconfigured client in a ``multiprocessing`` child adopts them on first
+        use (see :mod:`dxtrack.processes`). The ready-made ``dxtrack`` has it on.
     """
 
     __version__ = __version__
 
-    def __init__(self, *, clock: Optional[Clock] = None) -> None:
+    def __init__(self, *, clock: Optional[Clock] = None, inherit: bool = False) -> None:
         self._clock: Clock = clock if clock is not None else SystemClock()
+        self._inherit = inherit
+        self._adopted_in: Optional[int] = None
+        if inherit:
+            reserve_settings_path()
         self._lock = threading.RLock()
         # (builder, pipeline) swapped as one value, so a caller never sees half of a reconfigure.
-        self._state: Optional[Tuple[RecordBuilder, Pipeline]] = None
+        self._state: Optional[_State] = None
         self._config: Optional[Config] = None
         self._pipelines: List[Pipeline] = []
         self._closed = False
+        #: The pipeline the last close() closed: later calls return its verdict.
+        self._closed_pipeline: Optional[Pipeline] = None
         self._refused: Dict[str, int] = {}
         self._log = RateLimitedLog()
 
@@ -49,13 +68,19 @@ class DXTrack:
         settings (bounded by the old ``shutdown_timeout``).
         """
         config = settings_from_kwargs(dict(stage=stage, context=context, run_id=run_id, **options))
+        return self._use(config, publish=self._inherit)
+
+    def _use(self, config: Config, publish: bool) -> Config:
         pipeline = Pipeline(config, sink_for(config), self._clock, self._log)
         with self._lock:
             old = self._state
             self._state = (RecordBuilder(config), pipeline)
             self._config = config
             self._closed = False
+            self._closed_pipeline = None
             self._pipelines.append(pipeline)
+            if publish:
+                export_settings(config)
         if old is not None:
             old[1].close()
         return config
@@ -90,8 +115,9 @@ class DXTrack:
         """
         state = self._state
         if state is None:
-            self._refuse(METRIC)
-            return
+            state = self._unconfigured(METRIC)
+            if state is None:
+                return
         builder, pipeline = state
         body = builder.metric(name, value, metadata, timestamp)
         seq = pipeline.put(METRIC, body, pipeline.metric_urgent)
@@ -101,7 +127,9 @@ class DXTrack:
             pipeline.wait_for(METRIC, seq)
 
     def error(
-        self, metadata: Optional[Mapping[str, Any]] = None, exception: Optional[BaseException] = None
+        self,
+        metadata: Optional[Mapping[str, Any]] = None,
+        exception: Optional[BaseException] = None,
     ) -> None:
         """Record the exception being handled (or ``exception``), with its traceback.
 
@@ -125,13 +153,16 @@ class DXTrack:
                 return
             state = self._state
             if state is None:
-                self._refuse(ERROR)
-                return
+                state = self._unconfigured(ERROR)
+                if state is None:
+                    return
             builder, pipeline = state
             try:
                 body = builder.error(exc, metadata)
-            except TypeError as bad_metadata:
-                self._log.warning("error-metadata", "dxtrack.error(): %s; recorded without it", bad_metadata)
+            except Exception as bad_metadata:  # not a dict, or a mapping that fails to read
+                self._log.warning(
+                    "error-metadata", "dxtrack.error(): %s; recorded without it", bad_metadata
+                )
                 body = builder.error(exc, None)
             self._put_errors(pipeline, [body])
         except Exception:
@@ -153,9 +184,9 @@ class DXTrack:
             raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
         state = self._state
         if state is None:
-            for _ in items:
-                self._refuse(ERROR)
-            return
+            state = self._unconfigured(ERROR, len(items))
+            if state is None:
+                return
         builder, pipeline = state
         self._put_errors(pipeline, [builder.error(exc, metadata) for exc in items])
 
@@ -192,6 +223,42 @@ class DXTrack:
         else:
             pipeline.put_errors(bodies)
 
+    def _unconfigured(self, stream: str, count: int = 1) -> Optional[_State]:
+        """The state to use when none is set: adopted from a parent process, or None."""
+        if self._inherit and not self._closed and self._adopted_in != os.getpid():
+            with self._lock:
+                if self._state is None and self._adopted_in != os.getpid():
+                    self._adopted_in = os.getpid()
+                    self._adopt_parent_settings()
+            state = self._state
+            if state is not None:
+                return state
+        for _ in range(count):
+            self._refuse(stream)
+        return None
+
+    def _adopt_parent_settings(self) -> None:
+        settings = inherited_settings()
+        if settings is None:
+            return
+        explicit = settings.pop("explicit_credentials", False)
+        if explicit and settings.get("stage") != "test":
+            self._log.warning(
+                "explicit-keys-not-inherited",
+                "dxtrack: the parent process configured explicit AWS keys, which are never passed "
+                "to child processes; call dxtrack.configure() in the worker (for example with "
+                "Pool(initializer=...)) or provide credentials through a profile, the environment "
+                "or a role",
+            )
+            return
+        try:
+            # Not published again: this process's children follow the same parent's file.
+            self._use(settings_from_kwargs(settings), publish=False)
+        except Exception as exc:
+            self._log.warning(
+                "inherit-failed", "dxtrack could not use the parent process's settings: %s", exc
+            )
+
     def _refuse(self, stream: str) -> None:
         reason = "closed" if self._closed else "not_configured"
         with self._lock:
@@ -220,16 +287,22 @@ class DXTrack:
     def close(self, timeout: Optional[float] = None) -> bool:
         """Flush (within ``timeout``, default ``shutdown_timeout``), then stop the worker.
 
-        Idempotent. Records made after ``close()`` are dropped with a warning
-        until ``configure()`` is called again.
+        Idempotent: a later call returns the first call's verdict (waiting for
+        it if that call is still running). Records made after ``close()`` are
+        dropped with a warning until ``configure()`` is called again.
         """
         with self._lock:
             state = self._state
             self._state = None
             self._closed = True
-        if state is None:
+            if state is not None:
+                self._closed_pipeline = state[1]
+            pipeline = self._closed_pipeline
+            if self._inherit:
+                withdraw_settings()
+        if pipeline is None:  # never configured
             return True
-        return state[1].close(timeout)
+        return pipeline.close(timeout)  # the pipeline keeps its first verdict
 
     def stats(self) -> Dict[str, Any]:
         """Counters since this client was created, summed over its configurations.

@@ -11,7 +11,7 @@ import copy
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from .exceptions import ConfigurationError
 
@@ -110,31 +110,36 @@ class Config:
             object.__setattr__(self, "default_metadata", {})
         elif not isinstance(self.default_metadata, Mapping):
             raise ConfigurationError(
-                f"default_metadata must be a dict or None, got {type(self.default_metadata).__name__}"
+                "default_metadata must be a dict or None, got "
+                f"{type(self.default_metadata).__name__}"
             )
         else:
             # A private snapshot: later changes to the caller's dict change nothing.
-            object.__setattr__(self, "default_metadata", copy.deepcopy(dict(self.default_metadata)))
+            object.__setattr__(self, "default_metadata", _snapshot(self.default_metadata))
         for name in (
             "profile_name", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
             "region_name", "endpoint_url", "error_stream", "metric_stream",
         ):
             value = getattr(self, name)
             if value is not None:
-                _text(name, value)
+                _text(name, value, secret=name in _SECRET_FIELDS)
         if (self.aws_access_key_id is None) != (self.aws_secret_access_key is None):
             raise ConfigurationError(
                 "aws_access_key_id and aws_secret_access_key must be given together"
             )
         for name in ("pack_records", "buffer_metrics", "use_async_requests"):
             if not isinstance(getattr(self, name), bool):
-                raise ConfigurationError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                raise ConfigurationError(
+                    f"{name} must be True or False, got {getattr(self, name)!r}"
+                )
         if self.papertrail_hostport is not None:
             _hostport("papertrail_hostport", self.papertrail_hostport)
         _choice("timestamp_format", self.timestamp_format, TIMESTAMP_FORMATS)
         _choice("test_output", self.test_output, TEST_OUTPUTS)
         if not isinstance(self.output_dir, (str, os.PathLike)) or not os.fspath(self.output_dir):
-            raise ConfigurationError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
+            raise ConfigurationError(
+                f"output_dir must be a non-empty path, got {self.output_dir!r}"
+            )
         _choice("on_full", self.on_full, ON_FULL_POLICIES)
         _integer("max_buffer_records", self.max_buffer_records, minimum=1)
         _integer("max_buffer_bytes", self.max_buffer_bytes, minimum=FIREHOSE_MAX_RECORD_BYTES)
@@ -167,26 +172,57 @@ class Config:
         return f"Config({', '.join(parts)})"
 
 
-def _choice(name: str, value: Any, allowed: tuple) -> None:
+def _choice(name: str, value: Any, allowed: Tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigurationError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        choices = ", ".join(map(repr, allowed))
+        raise ConfigurationError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def _text(name: str, value: Any) -> None:
+def _text(name: str, value: Any, *, secret: bool = False) -> None:
     if not isinstance(value, str) or not value.strip():
-        raise ConfigurationError(f"{name} must be a non-empty string, got {value!r}")
+        # A secret given in the wrong form is still a secret: name its type, not its value.
+        if not secret:
+            shown = repr(value)
+        elif isinstance(value, str):
+            shown = "a blank string"
+        else:
+            shown = f"a value of type {type(value).__name__}"
+        raise ConfigurationError(f"{name} must be a non-empty string, got {shown}")
+
+
+def _snapshot(metadata: Mapping[str, Any]) -> Dict[str, Any]:
+    """A deep copy of ``metadata``; values that cannot be copied are shared, not refused."""
+    try:
+        return copy.deepcopy(dict(metadata))
+    except Exception:  # a lock, a socket, a generator: written as str() like any odd value
+        return {key: _copy_or_share(value) for key, value in metadata.items()}
+
+
+def _copy_or_share(value: Any) -> Any:
+    try:
+        return copy.deepcopy(value)
+    except Exception:
+        return value
 
 
 def _integer(name: str, value: Any, *, minimum: int, maximum: Optional[int] = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
         maximum is not None and value > maximum
     ):
-        bound = f"from {minimum:,} to {maximum:,}" if maximum is not None else f"of at least {minimum:,}"
+        if maximum is not None:
+            bound = f"from {minimum:,} to {maximum:,}"
+        else:
+            bound = f"of at least {minimum:,}"
         raise ConfigurationError(f"{name} must be a whole number {bound}, got {value!r}")
 
 
 def _seconds(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise ConfigurationError(f"{name} must be a number of seconds >= 0, got {value!r}")
 
 

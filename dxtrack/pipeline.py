@@ -12,19 +12,20 @@ import os
 import threading
 import time
 import weakref
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, cast
 
 from ._logging import RateLimitedLog, logger
 from .buffer import RingBuffer
 from .clock import Clock
 from .config import Config
+from .processes import block_signals_in_this_thread, prepare_process
 from .records import ERROR
 from .sinks.base import Sink, sink_after_fork, sink_stats
 from .worker import Worker
 
 __all__ = ["Pipeline"]
 
-_live: "weakref.WeakSet[Pipeline]" = weakref.WeakSet()
+_live: weakref.WeakSet[Pipeline] = weakref.WeakSet()
 _live_lock = threading.Lock()
 
 
@@ -71,7 +72,9 @@ class Pipeline:
         Returns what ``put`` returned for each body.
         """
         put = self.buffer.put
-        results = [put(ERROR, body, True) for body in bodies]
+        # Only the last one wakes the worker, so they go out in one batch.
+        results = [put(ERROR, body, False) for body in bodies[:-1]]
+        results.extend(put(ERROR, body, True) for body in bodies[-1:])
         last = max(results, default=0)
         if last > 0 and self.error_waits:
             self.wait_for(ERROR, last)
@@ -82,39 +85,54 @@ class Pipeline:
             buffer = self.buffer
             if buffer.worker_running:
                 return True
-            worker = Worker(buffer, self.sink, retry_deadline=self.config.retry_deadline, log=self.log)
+            worker = Worker(
+                buffer, self.sink, retry_deadline=self.config.retry_deadline, log=self.log
+            )
             thread = threading.Thread(
                 target=self._run_worker, args=(worker,), name="dxtrack-worker", daemon=True
             )
+            # Set before start(): a worker that dies at once must be able to clear it.
+            buffer.worker_running = True
             try:
                 thread.start()
             except RuntimeError:  # interpreter shutting down: no new threads
+                buffer.worker_running = False
                 return False
             self.worker_thread = thread
-            buffer.worker_running = True
-            return True
+        prepare_process(_close_all_at_exit, grace=self.config.shutdown_timeout + 1.0)
+        return True
 
     def _run_worker(self, worker: Worker) -> None:
+        buffer = self.buffer
         try:
+            block_signals_in_this_thread()
             worker.run()
         finally:
-            self.buffer.worker_running = False
+            buffer.worker_running = False
+            # A caller that queued a record while this worker was dying saw it still running
+            # and started none: if records are waiting and the client is open, start one now.
+            with buffer.lock:
+                orphaned = not buffer.closing and any(s.queue for s in buffer.streams.values())
+            if orphaned:
+                self._start_worker()
 
     # -- checkpoints -----------------------------------------------------------
     def flush(self, timeout: Optional[float]) -> bool:
-        """Send everything accepted so far; True once all of it was delivered."""
+        """Send everything accepted so far and wait at most ``timeout`` real seconds.
+
+        True when nothing recorded since the last flush that completed was
+        lost (dropped, evicted or failed) and all of it was delivered in time.
+        A flush that times out reports nothing as seen: the next one judges
+        the same records again.
+        """
         buffer = self.buffer
-        targets = buffer.request_flush()
-        with buffer.lock:
-            starts = {name: buffer.streams[name].settled + 1 for name in targets}
-        if any(starts[name] <= target for name, target in targets.items()):
+        checkpoint = buffer.request_flush()
+        if checkpoint.pending:
             if not buffer.worker_running and not self._start_worker():
                 self._deliver_inline()
-            if not buffer.wait_settled(targets, timeout):
+            if not buffer.wait_settled(checkpoint.targets, timeout):
                 return False
-        return not any(
-            buffer.lost_between(name, starts[name], targets[name]) for name in targets
-        )
+        return buffer.verdict(checkpoint)
 
     def close(self, timeout: Optional[float] = None) -> bool:
         """Flush within ``timeout`` seconds, stop the worker, release the sink.
@@ -136,10 +154,11 @@ class Pipeline:
                 self._close_sink()
             if not ok:
                 s = self.stats()
+                dropped = cast(Dict[str, int], s["dropped"])
                 logger.error(
                     "dxtrack closed with records not delivered: %d pending, %d failed, "
                     "%d dropped (%r)",
-                    s["pending"], s["failed"], sum(s["dropped"].values()), self.sink,
+                    s["pending"], s["failed"], sum(dropped.values()), self.sink,
                 )
             self._closed_ok = ok
             with _live_lock:

@@ -1,20 +1,28 @@
 """Building the JSON records: validation, metadata, timestamps, ids.
 
-The caller's path serializes a record *without* its ``id``; the worker adds
-the id later (:func:`finalize`), so the sha256 costs nothing on the caller's
-thread. The id is the sha256 hex digest of the record's JSON without the
-``id`` key, exactly as serialized: two records with identical content have
-identical ids, which lets a reader drop duplicates.
+The caller's path serializes a record *without* its ``id`` and keeps it
+*open*: the JSON without its closing brace. The worker closes it later
+(:func:`finalize`), adding the ``id`` and the newline, so the sha256 costs
+nothing on the caller's thread. The id is the sha256 hex digest of the
+record's JSON without the ``id`` key, exactly as serialized: two records with
+identical content have identical ids, which lets a reader drop duplicates.
+
+Why open: orjson returns its output in a buffer of about 4 KiB whatever the
+record's length, and a buffered record would hold all of it. Slicing off the
+brace makes an exact-size copy, so the buffer's byte bound is the memory it
+really takes.
 """
 
 from __future__ import annotations
 
+import binascii
 import datetime as _dt
 import hashlib
 import math
 import sys
 import time
 import traceback
+from collections.abc import Mapping as _Mapping
 from typing import Any, Dict, Mapping, Optional
 
 import orjson
@@ -26,10 +34,10 @@ __all__ = ["ERROR", "METRIC", "ID_OVERHEAD", "RecordBuilder", "finalize"]
 METRIC = "metric"
 ERROR = "error"
 
-#: Bytes :func:`finalize` adds to a serialized body: ``,"id":"<64 hex>"`` and ``\n``.
-ID_OVERHEAD = len(b',"id":""') + 64 + 1
-#: Largest body (without id) that still fits one Firehose record once finalized.
-MAX_BODY_BYTES = FIREHOSE_MAX_RECORD_BYTES - ID_OVERHEAD
+#: Bytes :func:`finalize` adds to an open body: ``,"id":"<64 hex>"}`` and ``\n``.
+ID_OVERHEAD = len(b',"id":""}') + 64 + 1
+#: Largest record JSON (without id) that still fits one Firehose record once finalized.
+MAX_BODY_BYTES = FIREHOSE_MAX_RECORD_BYTES - ID_OVERHEAD + 1
 
 _DATETIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 _UTC = _dt.timezone.utc
@@ -40,12 +48,14 @@ _dumps = orjson.dumps
 _time = time.time
 _isfinite = math.isfinite
 _sha256 = hashlib.sha256
+_hexlify = binascii.hexlify
 
 
 def finalize(body: bytes) -> bytes:
-    """Add the ``id`` key and the closing newline to a serialized record."""
-    digest = _sha256(body).hexdigest().encode()
-    return body[:-1] + b',"id":"' + digest + b'"}\n'
+    """Close an open body: add the ``id`` key, the brace and the newline."""
+    digest = _sha256(body)
+    digest.update(b"}")
+    return b'%b,"id":"%b"}\n' % (body, _hexlify(digest.digest()))
 
 
 class RecordBuilder:
@@ -68,17 +78,17 @@ class RecordBuilder:
         metadata: Optional[Mapping[str, Any]] = None,
         timestamp: Any = None,
     ) -> bytes:
-        """Validate one metric and return its serialized body (no id yet)."""
+        """Validate one metric and return its open body (no id, no closing brace)."""
         # The caller's hot path: the common cases are tested first and inline.
-        if type(name) is not str or not name:
+        if type(name) is not str or not name:  # noqa: SIM102 (the exact type test is the fast one)
             if not isinstance(name, str) or not name:
-                raise ValueError(f"metric name must be a non-empty string, got {name!r}")
+                raise ValueError(f"metric name must be a non-empty string, got {_shown(name)}")
         try:
             number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"metric value must be a finite number, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float range
+            raise ValueError(f"metric value must be a finite number, got {_shown(value)}") from None
         if number - number != 0.0:  # NaN and the infinities
-            raise ValueError(f"metric value must be a finite number, got {value!r}")
+            raise ValueError(f"metric value must be a finite number, got {_shown(value)}")
         record = {
             "context": self._context,
             "metric_name": name,
@@ -95,14 +105,14 @@ class RecordBuilder:
             body = _serialize(record)
         if len(body) > MAX_BODY_BYTES:
             raise ValueError(
-                f"metric {name!r} serializes to {len(body) + ID_OVERHEAD:,} bytes, over the "
+                f"metric {name!r} serializes to {len(body) + ID_OVERHEAD - 1:,} bytes, over the "
                 f"Firehose record limit of {FIREHOSE_MAX_RECORD_BYTES:,} bytes: trim its metadata"
             )
-        return body
+        return body[:-1]
 
     # -- errors ------------------------------------------------------------
     def error(self, exc: BaseException, metadata: Optional[Mapping[str, Any]] = None) -> bytes:
-        """Serialize one error record; oversized text is cut (and marked) to fit."""
+        """Serialize one error record, open; oversized text is cut (and marked) to fit."""
         record: Dict[str, Any] = {
             "context": self._context,
             "exception": {
@@ -118,16 +128,18 @@ class RecordBuilder:
         body = _serialize(record)
         if len(body) > MAX_BODY_BYTES:
             body = _shrink_error(record, len(body) - MAX_BODY_BYTES)
-        return body
+        return body[:-1]
 
     # -- shared pieces -----------------------------------------------------
     def _merge(self, metadata: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
         if metadata is None:
             return self._default
-        if not isinstance(metadata, Mapping):
+        if type(metadata) is not dict and not isinstance(metadata, _Mapping):
             raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
         if not self._default:
-            return metadata  # type: ignore[return-value]  # serialized right away, never kept
+            # Serialized right away, never kept. Other mappings become dicts, which orjson
+            # writes as objects (it would str() a MappingProxyType or a custom Mapping).
+            return metadata if type(metadata) is dict else dict(metadata)
         merged = dict(self._default)
         merged.update(metadata)
         return merged
@@ -139,17 +151,27 @@ class RecordBuilder:
             if timestamp.tzinfo is None:
                 timestamp = timestamp.replace(tzinfo=_UTC)
             seconds = (timestamp - _EPOCH).total_seconds()
-        elif isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool) and _isfinite(
-            timestamp
-        ):
-            seconds = float(timestamp)
+        elif isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool):
+            try:
+                seconds = float(timestamp)
+            except OverflowError:  # an int beyond float range
+                raise _bad_timestamp(timestamp) from None
+            if not _isfinite(seconds):
+                raise _bad_timestamp(timestamp)
         else:
-            raise ValueError(
-                f"timestamp must be a datetime or unix seconds (int or float), got {timestamp!r}"
-            )
+            raise _bad_timestamp(timestamp)
         if self._datetime_format:
-            return (_EPOCH + _dt.timedelta(seconds=seconds)).strftime(_DATETIME_FORMAT)
+            try:
+                return (_EPOCH + _dt.timedelta(seconds=seconds)).strftime(_DATETIME_FORMAT)
+            except OverflowError:  # beyond the years datetime can write
+                raise _bad_timestamp(timestamp) from None
         return seconds
+
+
+def _bad_timestamp(timestamp: Any) -> ValueError:
+    return ValueError(
+        f"timestamp must be a datetime or unix seconds (int or float), got {_shown(timestamp)}"
+    )
 
 
 def exception_type_name(exc: BaseException) -> str:
@@ -196,8 +218,8 @@ def _plain(value: Any, depth: int) -> Any:
     """A copy of ``value`` that orjson can always serialize (strings where it cannot)."""
     if depth > 64:
         return _safe_repr(value)
-    if isinstance(value, Mapping):
-        return {str(key): _plain(item, depth + 1) for key, item in value.items()}
+    if isinstance(value, _Mapping):
+        return {_safe_repr(key): _plain(item, depth + 1) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(item, depth + 1) for item in value]
     try:
@@ -208,26 +230,53 @@ def _plain(value: Any, depth: int) -> Any:
 
 
 def _safe_repr(value: Any) -> str:
+    """``str(value)``, made encodable: lone surrogates (from ``surrogateescape``) are escaped."""
     try:
-        return str(value)
+        text = str(value)
     except Exception:
         return f"<unprintable {type(value).__name__}>"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _shown(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` for an error message: never raises, never longer than ``limit``."""
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<unprintable {type(value).__name__}>"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def _shrink_error(record: Dict[str, Any], excess: int) -> bytes:
-    """Cut traceback, then value, then metadata until the record fits one Firehose record."""
+    """Make an oversized error record fit one Firehose record, marking every cut.
+
+    The exception is what an error record is for, so large metadata goes
+    first. Then the value and the traceback are cut in the middle (head and
+    tail say the most), the value to at most half of the room left when the
+    traceback needs the rest: a huge message is repeated at the end of the
+    traceback, and the frames above it must survive.
+    """
     exception = record["exception"]
-    for key in ("traceback", "value"):
-        text = exception[key]
-        # Characters can take up to 6 bytes once JSON-escaped; cut generously, then check.
-        if excess > 0 and text:
-            exception[key] = _cut_middle(text, excess)
-            body = _serialize(record)
-            excess = len(body) - MAX_BODY_BYTES
-            if excess <= 0:
-                return body
-    record["metadata"] = {"dxtrack": "metadata removed: the error record was over the size limit"}
+    if len(_serialize(record["metadata"])) > MAX_BODY_BYTES // 2:
+        record["metadata"] = dict(_METADATA_REMOVED)
+        body = _serialize(record)
+        excess = len(body) - MAX_BODY_BYTES
+        if excess <= 0:
+            return body
+    value_bytes = len(_serialize_text(exception["value"]))
+    traceback_bytes = len(_serialize_text(exception["traceback"]))
+    room = value_bytes + traceback_bytes - excess
+    value_excess = value_bytes - max(room // 2, room - traceback_bytes)
+    if value_excess > 0:
+        exception["value"] = _cut_middle(exception["value"], value_excess)
     body = _serialize(record)
+    excess = len(body) - MAX_BODY_BYTES
+    if excess > 0:
+        exception["traceback"] = _cut_middle(exception["traceback"], excess)
+        body = _serialize(record)
+    if len(body) > MAX_BODY_BYTES:
+        record["metadata"] = dict(_METADATA_REMOVED)
+        body = _serialize(record)
     while len(body) > MAX_BODY_BYTES:  # only pathological escapes get here
         exception["traceback"] = exception["traceback"][: len(exception["traceback"]) // 2]
         exception["value"] = exception["value"][: len(exception["value"]) // 2]
@@ -235,14 +284,22 @@ def _shrink_error(record: Dict[str, Any], excess: int) -> bytes:
     return body
 
 
+_METADATA_REMOVED = {"dxtrack": "metadata removed: the error record was over the size limit"}
+
+
+def _serialize_text(text: str) -> bytes:
+    return _dumps(_safe_repr(text))
+
+
 def _cut_middle(text: str, excess_bytes: int) -> str:
-    """Keep the head and the tail of ``text`` (where tracebacks say the most)."""
-    encoded_excess = excess_bytes + len(_CUT_MARK) + 32
-    drop = min(len(text), encoded_excess)
+    """Keep the head and the tail of ``text``, at least ``excess_bytes`` shorter once encoded."""
+    encoded = len(_serialize_text(text))
+    # Estimate the characters to drop from their average encoded size, then check and grow.
+    drop = min(len(text), excess_bytes * len(text) // max(encoded, 1) + len(_CUT_MARK) + 32)
     while True:
         keep = len(text) - drop
         head, tail = text[: keep // 2], text[len(text) - (keep - keep // 2):] if keep else ""
         candidate = head + _CUT_MARK.format(f"{drop:,}") + tail
-        if len(_dumps(candidate)) <= len(_dumps(text)) - excess_bytes or drop >= len(text):
+        if len(_serialize_text(candidate)) <= encoded - excess_bytes or drop >= len(text):
             return candidate
         drop = min(len(text), drop * 2)

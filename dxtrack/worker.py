@@ -10,7 +10,7 @@ ever raised into the application.
 from __future__ import annotations
 
 import random
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from ._logging import RateLimitedLog
 from .buffer import RingBuffer
@@ -34,14 +34,15 @@ class Worker:
         *,
         retry_deadline: float,
         log: RateLimitedLog,
-        backoff_base: float = BACKOFF_BASE,
-        backoff_cap: float = BACKOFF_CAP,
+        backoff_base: Optional[float] = None,
+        backoff_cap: Optional[float] = None,
     ) -> None:
         self.buffer = buffer
         self.sink = sink
         self.retry_deadline = retry_deadline
-        self.backoff_base = backoff_base
-        self.backoff_cap = backoff_cap
+        # Read at construction, not import, so tests and users may tune the module values.
+        self.backoff_base = BACKOFF_BASE if backoff_base is None else backoff_base
+        self.backoff_cap = BACKOFF_CAP if backoff_cap is None else backoff_cap
         self.log = log
 
     def run(self) -> None:
@@ -58,7 +59,7 @@ class Worker:
         """Send one batch until it is delivered, failed, or the client stops."""
         clock = self.buffer.clock
         pending: Sequence[bytes] = [finalize(body) for body in bodies]
-        delivered = failed = retried = attempt = 0
+        delivered = failed = attempt = 0
         started = None
         try:
             while pending:
@@ -77,27 +78,25 @@ class Worker:
                 now = clock.monotonic()
                 started = now if started is None else started
                 left = started + self.retry_deadline - now
-                if left <= 0 or self.buffer.stopped:
-                    why = "retry_deadline passed" if left <= 0 else "the client stopped"
-                    self.log.error(
-                        f"gave-up:{stream}",
-                        "dxtrack gave up on %d %s record(s) (%s): %s",
-                        len(pending), stream, why, result.error,
+                if left > 0 and not self.buffer.stopped:
+                    self.log.warning(
+                        f"retry:{stream}", "dxtrack will retry %d %s record(s): %s",
+                        len(pending), stream, result.error,
                     )
-                    failed += len(pending)
-                    pending = ()
-                    break
-                self.log.warning(
-                    f"retry:{stream}", "dxtrack will retry %d %s record(s): %s",
-                    len(pending), stream, result.error,
+                    ceiling = min(self.backoff_cap, self.backoff_base * (2 ** min(attempt, 30)))
+                    attempt += 1
+                    if self.buffer.wait_backoff(min(random.uniform(0.0, ceiling), left), len(pending)):
+                        continue
+                why = "retry_deadline passed" if left <= 0 else "the client stopped"
+                self.log.error(
+                    f"gave-up:{stream}", "dxtrack gave up on %d %s record(s) (%s): %s",
+                    len(pending), stream, why, result.error,
                 )
-                retried += len(pending)
-                ceiling = min(self.backoff_cap, self.backoff_base * (2 ** min(attempt, 30)))
-                attempt += 1
-                self.buffer.wait_backoff(min(random.uniform(0.0, ceiling), left))
+                failed += len(pending)
+                pending = ()
         finally:
             # Anything still pending here means an unexpected exception: count it lost.
-            self.buffer.settle(stream, first, delivered, failed + len(pending), retried)
+            self.buffer.settle(stream, first, delivered, failed + len(pending))
 
     def _attempt(self, stream: str, lines: Sequence[bytes]) -> SendResult:
         try:

@@ -4,7 +4,8 @@ Each :meth:`FirehoseSink.send` makes the calls one batch needs (one, almost
 always), reads every response, and sorts the lines into delivered, to retry
 (throttling, 5xx, connection trouble, entries with an ``ErrorCode``) and
 failed (what retrying cannot fix: a missing stream, refused credentials).
-Retrying itself is the pipeline's job.
+Retrying itself is the pipeline's job. A line over the service's record limit
+(the record builders never make one) is counted failed, not sent.
 
 The boto3 client is created lazily in the process that uses it, and again
 after a fork: a client, and its connection pool, is never shared across one.
@@ -22,7 +23,7 @@ import botocore.exceptions
 from .._version import __version__
 from ..config import DEFAULT_REGION, Config
 from .base import DELIVERED, SendResult
-from .packing import MAX_CALL_BYTES, MAX_CALL_RECORDS, Record, plan_calls
+from .packing import MAX_CALL_BYTES, MAX_CALL_RECORDS, MAX_RECORD_BYTES, Record, plan_calls
 
 __all__ = ["FirehoseSink"]
 
@@ -43,6 +44,14 @@ ADVICE = {
     "InvalidArgumentException": "a record was refused as invalid; this is a dxtrack bug, "
     "please report it",
 }
+#: ... when botocore finds no credentials at all ...
+NO_CREDENTIALS = (
+    "no AWS credentials were found: pass aws_access_key_id and aws_secret_access_key or "
+    "profile_name to configure(), or set up boto3's default chain (environment, "
+    "~/.aws/credentials, instance role)"
+)
+#: ... and when botocore refuses the request before sending it.
+BAD_REQUEST = "botocore refused the request as built; this is a dxtrack bug, please report it"
 
 #: Timeouts and pool size: a hung endpoint costs seconds, not minutes.
 CONNECT_TIMEOUT = 5.0
@@ -63,9 +72,12 @@ class FirehoseSink:
         self.region: Optional[str] = config.region_name
         self._client = client
         self._client_pid = os.getpid() if client is not None else None
-        self._counts: Dict[str, int] = {
-            "put_record_batch_calls": 0, "firehose_records": 0, "bytes_sent": 0,
-        }
+        self._reset_counts()
+
+    def _reset_counts(self) -> None:
+        # Calls made, whatever their outcome; records and bytes that Firehose accepted.
+        self._counts_pid = os.getpid()
+        self._counts = {"put_record_batch_calls": 0, "firehose_records": 0, "bytes_sent": 0}
 
     # -- the client --------------------------------------------------------------
     def client(self) -> Any:
@@ -80,7 +92,9 @@ class FirehoseSink:
                     region_name=c.region_name,
                 )
             else:
-                session = boto3.session.Session(profile_name=c.profile_name, region_name=c.region_name)
+                session = boto3.session.Session(
+                    profile_name=c.profile_name, region_name=c.region_name
+                )
             self.region = session.region_name or DEFAULT_REGION
             self._client = session.client(
                 "firehose",
@@ -98,7 +112,14 @@ class FirehoseSink:
         return self._client
 
     def after_fork(self) -> None:
+        """In a forked child: the parent's client and counters are the parent's."""
         self._client = None
+        self._reset_counts()
+
+    def _own_counts(self) -> Dict[str, int]:
+        if self._counts_pid != os.getpid():  # forked without the hook having run
+            self._reset_counts()
+        return self._counts
 
     # -- sending -------------------------------------------------------------------
     def send(self, stream: str, lines: Sequence[bytes]) -> SendResult:
@@ -108,7 +129,12 @@ class FirehoseSink:
         except botocore.exceptions.BotoCoreError as exc:
             return SendResult(failed=len(lines), error=self._describe(name, exc, "check the "
                               "AWS profile and credentials given to configure()"))
+        oversize = sum(1 for line in lines if len(line) > MAX_RECORD_BYTES)
+        if oversize:  # the record builders never make one; refuse it rather than retry it
+            lines = [line for line in lines if len(line) <= MAX_RECORD_BYTES]
         retry: List[bytes] = []
+        failed = 0
+        error: Optional[str] = None
         calls = list(plan_calls(lines, packed=self.packed, max_record_bytes=self.max_record_bytes))
         for index, call in enumerate(calls):
             outcome = self._put(client, name, call)
@@ -116,20 +142,30 @@ class FirehoseSink:
                 continue
             if isinstance(outcome, list):
                 retry.extend(outcome)
+                error = f"{name}: some records were refused for now (throttled or internal failure)"
                 continue
             # The whole call failed: this call's lines and every later call's share its fate.
             rest = [line for later in calls[index:] for _, carried in later for line in carried]
-            permanent, message = outcome
+            permanent, error = outcome
             if permanent:
-                return SendResult(retry=retry, failed=len(rest), error=message)
-            return SendResult(retry=retry + rest, error=message)
-        if retry:
-            return SendResult(retry=retry, error=f"{name}: some records were refused for now "
-                              "(throttled or internal failure)")
-        return DELIVERED
+                failed += len(rest)
+            else:
+                retry.extend(rest)
+            break
+        if oversize:
+            failed += oversize
+            error = (f"{error}; " if error else "") + (
+                f"{oversize} line(s) for {name!r} exceed the Firehose record limit of "
+                f"{MAX_RECORD_BYTES:,} bytes and were not sent"
+            )
+        if not retry and not failed:
+            return DELIVERED
+        return SendResult(retry=retry, failed=failed, error=error)
 
     def _put(self, client: Any, name: str, call: List[Record]) -> Any:
         """One call. None: all delivered; a list: lines to retry; (permanent, message)."""
+        counts = self._own_counts()
+        counts["put_record_batch_calls"] += 1
         try:
             response = client.put_record_batch(
                 DeliveryStreamName=name, Records=[{"Data": data} for data, _ in call]
@@ -138,28 +174,30 @@ class FirehoseSink:
             error = exc.response.get("Error", {})
             code = error.get("Code", "")
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            permanent = code not in RETRYABLE_CODES and status < 500
+            permanent = code not in RETRYABLE_CODES and status < 500 and status != 429
             return permanent, self._describe(name, exc, ADVICE.get(code, ""))
-        except (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError,
-                botocore.exceptions.ParamValidationError) as exc:
-            return True, self._describe(name, exc, "check the AWS credentials given to configure()")
+        except (botocore.exceptions.NoCredentialsError,
+                botocore.exceptions.PartialCredentialsError) as exc:
+            return True, self._describe(name, exc, NO_CREDENTIALS)
+        except botocore.exceptions.ParamValidationError as exc:
+            return True, self._describe(name, exc, BAD_REQUEST)
         except botocore.exceptions.BotoCoreError as exc:  # connection trouble, timeouts
             return False, self._describe(name, exc, "")
-        counts = self._counts
-        counts["put_record_batch_calls"] += 1
-        counts["firehose_records"] += len(call)
-        counts["bytes_sent"] += sum(len(data) for data, _ in call)
         if not response.get("FailedPutCount"):
+            counts["firehose_records"] += len(call)
+            counts["bytes_sent"] += sum(len(data) for data, _ in call)
             return None
         answers = response.get("RequestResponses") or []
         if len(answers) != len(call):  # cannot tell which failed: send them all again
             return [line for _, carried in call for line in carried]
-        return [
-            line
-            for (_, carried), answer in zip(call, answers)
-            if answer.get("ErrorCode")
-            for line in carried
-        ]
+        retry: List[bytes] = []
+        for (data, carried), answer in zip(call, answers):
+            if answer.get("ErrorCode"):
+                retry.extend(carried)
+            else:
+                counts["firehose_records"] += 1
+                counts["bytes_sent"] += len(data)
+        return retry
 
     def _describe(self, name: str, exc: Exception, advice: str) -> str:
         where = f"delivery stream {name!r} in region {self.region or DEFAULT_REGION!r}"
@@ -167,7 +205,10 @@ class FirehoseSink:
         return f"{text}; {advice}" if advice else text
 
     def stats(self) -> Dict[str, int]:
-        return dict(self._counts)
+        """``put_record_batch_calls`` made (whatever their outcome) in this process, and the
+        ``firehose_records`` and ``bytes_sent`` that Firehose accepted (what it bills and
+        delivers: failed entries are counted again only when a retry gets them in)."""
+        return dict(self._own_counts())
 
     def close(self) -> None:
         client, self._client = self._client, None

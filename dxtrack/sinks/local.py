@@ -22,7 +22,7 @@ class FileSink:
     max_batch_lines = 10_000
     max_batch_bytes = 8 * 1024 * 1024
 
-    def __init__(self, output_dir: "str | os.PathLike[str]") -> None:
+    def __init__(self, output_dir: str | os.PathLike[str]) -> None:
         self.output_dir = os.fspath(output_dir)
 
     def path(self, stream: str) -> str:

@@ -22,7 +22,9 @@ class MemorySink:
     3.0
     """
 
-    def __init__(self, max_batch_lines: int = 10_000, max_batch_bytes: int = 8 * 1024 * 1024) -> None:
+    def __init__(
+        self, max_batch_lines: int = 10_000, max_batch_bytes: int = 8 * 1024 * 1024
+    ) -> None:
         self.max_batch_lines = max_batch_lines
         self.max_batch_bytes = max_batch_bytes
         self._lines: Dict[str, List[bytes]] = {"metric": [], "error": []}
@@ -52,7 +54,9 @@ class MemorySink:
     def wait_for(self, stream: str, count: int, timeout: Optional[float] = 10.0) -> bool:
         """Block until ``count`` lines of ``stream`` arrived; False on timeout."""
         with self._changed:
-            return self._changed.wait_for(lambda: len(self._lines.get(stream, ())) >= count, timeout)
+            return self._changed.wait_for(
+                lambda: len(self._lines.get(stream, ())) >= count, timeout
+            )
 
     @property
     def sends(self) -> int:

@@ -1,0 +1,55 @@
+"""Jobs that test processes run; importable by spawned and forkserver children."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Tuple
+
+from dxtrack import dxtrack
+
+
+class JobError(Exception):
+    """Raised and reported by the jobs below."""
+
+
+def emit(args: Tuple[int, int, int]) -> int:
+    """Record ``metrics`` metrics and ``errors`` errors as worker ``worker``; returns the count."""
+    worker, metrics, errors = args
+    for i in range(metrics):
+        dxtrack.metric("mp.rows", i, metadata={"worker": worker, "pid": os.getpid()})
+    for i in range(errors):
+        try:
+            raise JobError(f"worker {worker} error {i}")
+        except JobError:
+            dxtrack.error(metadata={"worker": worker})
+    return metrics + errors
+
+
+def emit_star(worker: int, metrics: int, errors: int) -> int:
+    return emit((worker, metrics, errors))
+
+
+def configure_worker(settings: Dict[str, Any]) -> None:
+    """A pool initializer: configure dxtrack in the worker, with credentials passed explicitly."""
+    dxtrack.configure(**settings)
+
+
+def emit_and_report(args: Tuple[int, int, int]) -> Dict[str, Any]:
+    """Run :func:`emit`, then return this process's dxtrack counters."""
+    emit(args)
+    return dxtrack.stats()
+
+
+def configured_run_id() -> Any:
+    """Record one metric (adopting the parent's settings if needed); return the run_id in use."""
+    dxtrack.metric("mp.probe", 1)
+    return dxtrack.config.run_id if dxtrack.config else None
+
+
+def emit_then_block(lock: Any, ready: Any, metrics: int) -> None:
+    """Record, say so, then wait on ``lock`` as an idle pool worker waits on its task queue."""
+    for i in range(metrics):
+        dxtrack.metric("mp.blocked", i)
+    ready.set()
+    with lock:  # held by the parent until it gives up on us
+        pass

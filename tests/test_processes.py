@@ -1,0 +1,309 @@
+"""Processes and pools: every record of every process lands exactly once.
+
+All of these run against the moto server, so that children of any start
+method send over real sockets to one place the test can count.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Dict, Iterator, List
+
+import orjson
+import pytest
+
+import mp_jobs
+from dxtrack import dxtrack
+from dxtrack.processes import INHERIT_ENV
+
+START_METHODS = ["fork", "spawn", "forkserver"]
+MODES: Dict[str, Dict[str, Any]] = {
+    "default": {},
+    "async": {"use_async_requests": True},
+    "buffered": {"buffer_metrics": True},
+}
+# In the default mode every call is its own PutRecordBatch, which moto stores as its own S3
+# object: fewer of them keep the suite fast, the mechanism is the same.
+METRICS_PER_WORKER = {"default": 50, "async": 5000, "buffered": 5000}
+ERRORS_PER_WORKER = 5
+WORKERS = 4
+
+
+@pytest.fixture
+def global_client(landing: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """Configures the ready-made ``dxtrack`` for the moto server; closes it afterwards.
+
+    Credentials come from the environment, as a user who wants spawned
+    children to find them would provide them.
+    """
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    options = landing.client_options()
+    del options["aws_access_key_id"], options["aws_secret_access_key"]
+
+    def configure(**extra: Any) -> None:
+        dxtrack.configure(context="pool-tests", run_id="run-1", **{**options, **extra})
+
+    yield configure
+    dxtrack.close(timeout=10)
+
+
+def run_style(style: str, ctx: Any, jobs: List[tuple]) -> List[int]:
+    if style == "pool-with":
+        with ctx.Pool(WORKERS) as pool:
+            return pool.map(mp_jobs.emit, jobs, chunksize=1)
+    if style == "pool-close-join":
+        pool = ctx.Pool(WORKERS)
+        try:
+            return pool.map(mp_jobs.emit, jobs, chunksize=1)
+        finally:
+            pool.close()
+            pool.join()
+    if style == "executor":
+        with concurrent.futures.ProcessPoolExecutor(WORKERS, mp_context=ctx) as executor:
+            return list(executor.map(mp_jobs.emit, jobs))
+    processes = [ctx.Process(target=mp_jobs.emit, args=(job,)) for job in jobs]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+        assert process.exitcode == 0
+    return [metrics + errors for _, metrics, errors in jobs]
+
+
+def assert_exactly_once(landing: Any, metrics: int, errors: int) -> None:
+    metric_lines = landing.lines("metric")
+    error_lines = landing.lines("error")
+    ids = [orjson.loads(line)["id"] for line in metric_lines + error_lines]
+    assert (len(metric_lines), len(error_lines)) == (metrics, errors)
+    assert len(set(ids)) == len(ids), "duplicated records"
+
+
+class TestPoolsDeliverExactlyOnce:
+    """Every start method, pool style and delivery mode: all lines in S3, once."""
+
+    @pytest.mark.parametrize("mode", list(MODES))
+    @pytest.mark.parametrize("style", ["pool-with", "pool-close-join", "executor", "process"])
+    @pytest.mark.parametrize("start_method", START_METHODS)
+    def test_workers_records_land_once(
+        self, landing: Any, global_client: Callable[..., None], start_method: str, style: str,
+        mode: str,
+    ) -> None:
+        global_client(**MODES[mode])
+        metrics = METRICS_PER_WORKER[mode]
+        jobs = [(worker, metrics, ERRORS_PER_WORKER) for worker in range(WORKERS)]
+        ctx = multiprocessing.get_context(start_method)
+
+        emitted = run_style(style, ctx, jobs)
+
+        assert sum(emitted) == WORKERS * (metrics + ERRORS_PER_WORKER)
+        assert_exactly_once(landing, WORKERS * metrics, WORKERS * ERRORS_PER_WORKER)
+
+
+class TestTerminatedWorkers:
+    """SIGTERM reaches a worker whose main thread is blocked, and it flushes on its way out."""
+
+    def test_dxtrack_thread_leaves_signals_to_the_main_thread(self, make_client: Any,
+                                                               tmp_path: Any) -> None:
+        client = make_client(use_async_requests=True, output_dir=str(tmp_path))
+        client.metric("rows", 1)
+        [worker] = [t for t in threading.enumerate() if t.name == "dxtrack-worker"]
+        status = open(f"/proc/self/task/{worker.native_id}/status").read()
+        blocked = int(status.split("SigBlk:")[1].split()[0], 16)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            assert blocked & (1 << (signum - 1)), f"{signum!r} could land on dxtrack's thread"
+
+    @pytest.mark.parametrize("start_method", START_METHODS)
+    def test_terminate_while_blocked_in_a_lock(
+        self, landing: Any, global_client: Callable[..., None], start_method: str
+    ) -> None:
+        global_client(buffer_metrics=True, flush_interval=3600)
+        ctx = multiprocessing.get_context(start_method)
+        lock = ctx.Lock()
+        lock.acquire()
+        try:
+            readies = [ctx.Event() for _ in range(3)]
+            children = [ctx.Process(target=mp_jobs.emit_then_block, args=(lock, ready, 200))
+                        for ready in readies]
+            for child in children:
+                child.start()
+            for ready in readies:  # each child has recorded (buffered) and is about to block
+                assert ready.wait(30)
+            for child in children:
+                child.terminate()
+            for child in children:
+                child.join(20)
+                assert child.exitcode is not None, "a terminated worker hung"
+        finally:
+            lock.release()
+        assert_exactly_once(landing, 3 * 200, 0)
+
+
+class TestForkKeepsParentAndChildApart:
+    """A fork neither loses nor duplicates the parent's pending records."""
+
+    def test_parent_pending_records_land_once_after_children(
+        self, landing: Any, global_client: Callable[..., None]
+    ) -> None:
+        global_client(buffer_metrics=True, flush_interval=3600)
+        for i in range(1000):
+            dxtrack.metric("parent.rows", i)
+        assert dxtrack.stats()["pending"] == 1000
+
+        ctx = multiprocessing.get_context("fork")
+        children = [ctx.Process(target=mp_jobs.emit, args=((w, 100, 1),)) for w in range(3)]
+        for child in children:
+            child.start()
+        for child in children:
+            child.join(60)
+            assert child.exitcode == 0
+
+        assert dxtrack.flush_metrics_buffer(timeout=30)
+        records = landing.records("metric")
+        assert sorted(r["metric_name"] for r in records).count("parent.rows") == 1000
+        assert len(records) == 1000 + 3 * 100
+        assert len(landing.lines("error")) == 3
+        assert len({r["id"] for r in records}) == len(records)
+
+    def test_fork_under_load_does_not_deadlock(self, make_client: Any, tmp_path: Any) -> None:
+        client = make_client(use_async_requests=True, output_dir=str(tmp_path))
+        stop = threading.Event()
+        emitted = [0]
+
+        def hammer() -> None:
+            while not stop.is_set():
+                client.metric("parent.loop", emitted[0])
+                emitted[0] += 1
+
+        thread = threading.Thread(target=hammer)
+        thread.start()
+        children = []
+        try:
+            for n in range(50):
+                pid = os.fork()
+                if pid == 0:  # the child: record, flush, leave without running the parent's cleanup
+                    status = 1
+                    try:
+                        client.metric("child.rows", n)
+                        status = 0 if client.flush_metrics_buffer(timeout=10) else 2
+                    finally:
+                        os._exit(status)
+                children.append(pid)
+        finally:
+            stop.set()
+            thread.join()
+
+        deadline = time.monotonic() + 30
+        statuses = {}
+        while children and time.monotonic() < deadline:
+            for pid in list(children):
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    statuses[pid] = os.waitstatus_to_exitcode(status)
+                    children.remove(pid)
+            time.sleep(0.01)  # polling child processes, not the worker
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+        assert not children, f"{len(children)} children deadlocked"
+        assert set(statuses.values()) == {0}
+
+        assert client.flush_metrics_buffer(timeout=30)
+        lines = (tmp_path / "metric.jsonl").read_bytes().splitlines()
+        names = [orjson.loads(line)["metric_name"] for line in lines]
+        assert names.count("child.rows") == 50
+        assert names.count("parent.loop") == emitted[0]
+        assert len({orjson.loads(line)["id"] for line in lines}) == len(lines)
+
+
+class TestSpawnedChildrenInheritSettings:
+    """spawn and forkserver children find dxtrack configured, without secrets."""
+
+    def test_settings_published_without_secrets(self, landing: Any) -> None:
+        dxtrack.configure(context="pool-tests", run_id="run-1", **landing.client_options())
+        try:
+            path = os.environ[INHERIT_ENV]
+            text = open(path, "rb").read()
+            published = orjson.loads(text)
+            assert published["endpoint_url"] == landing.url
+            assert published["explicit_credentials"] is True
+            assert b"testing" not in text
+            for secret in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token"):
+                assert secret not in published
+            assert os.stat(path).st_mode & 0o077 == 0, "readable by other users"
+        finally:
+            dxtrack.close(timeout=10)
+        assert not os.path.exists(path), "children started after close() must not configure"
+
+    def test_forkserver_children_see_the_latest_configure(self, tmp_path: Any) -> None:
+        """The forkserver keeps the environment it started with; settings still follow."""
+        ctx = multiprocessing.get_context("forkserver")
+        with ctx.Pool(1) as pool:  # starts the forkserver (if not yet) before any configure()
+            pool.apply(os.getpid)
+        options = dict(context="pool-tests", stage="test", output_dir=str(tmp_path))
+        dxtrack.configure(run_id="first", **options)
+        with ctx.Pool(1) as pool:
+            assert pool.apply(mp_jobs.configured_run_id) == "first"
+        dxtrack.configure(run_id="second", **options)
+        try:
+            with ctx.Pool(1) as pool:
+                run_id = pool.apply(mp_jobs.configured_run_id)
+        finally:
+            dxtrack.close(timeout=10)
+        assert run_id == "second"
+
+    @pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+    def test_explicit_keys_reach_workers_through_an_initializer(
+        self, landing: Any, start_method: str
+    ) -> None:
+        """The documented line for users who pass keys to configure()."""
+        settings = dict(context="pool-tests", run_id="run-1", use_async_requests=True,
+                        **landing.client_options())
+        dxtrack.configure(**settings)
+        try:
+            ctx = multiprocessing.get_context(start_method)
+            with ctx.Pool(2, initializer=mp_jobs.configure_worker, initargs=(settings,)) as pool:
+                pool.map(mp_jobs.emit, [(w, 300, 1) for w in range(2)])
+        finally:
+            dxtrack.close(timeout=10)
+        assert_exactly_once(landing, 600, 2)
+
+    def test_without_keys_a_spawned_child_records_nothing_and_says_why(
+        self, landing: Any, tmp_path: Any
+    ) -> None:
+        dxtrack.configure(context="pool-tests", run_id="run-1", **landing.client_options())
+        try:
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(1) as pool:
+                stats = pool.apply(mp_jobs.emit_and_report, ((0, 10, 0),))
+        finally:
+            dxtrack.close(timeout=10)
+        assert stats["dropped"].get("not_configured") == 10
+        assert landing.lines("metric") == []
+
+
+class TestIndependentClientsInChildren:
+    """A DXTrack of the user's own is fork-safe too."""
+
+    def test_forked_child_sends_its_own_records_only(self, make_client: Any, tmp_path: Any) -> None:
+        client = make_client(buffer_metrics=True, flush_interval=3600, output_dir=str(tmp_path))
+        for i in range(10):
+            client.metric("parent.rows", i)
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                client.metric("child.rows", 1)
+                status = 0 if client.flush_metrics_buffer(timeout=10) else 2
+            finally:
+                os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert client.flush_metrics_buffer(timeout=10)
+        names = [orjson.loads(line)["metric_name"]
+                 for line in (tmp_path / "metric.jsonl").read_bytes().splitlines()]
+        assert sorted(names) == ["child.rows"] + ["parent.rows"] * 10
