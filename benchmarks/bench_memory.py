@@ -48,29 +48,9 @@ def _status(field: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _exact_size_bodies() -> None:
-    """Proposal P2, applied in this child only: copy each body to an exact-size bytes.
-
-    orjson returns a bytes object whose allocation is several KiB however
-    short the JSON; a copy of the right size lets that block be freed at once.
-    """
-    from dxtrack import records
-
-    build = records.RecordBuilder.metric
-
-    def metric(self: Any, *args: Any, **kwargs: Any) -> bytes:
-        body = build(self, *args, **kwargs)
-        return body[:-1] + b"}"
-
-    records.RecordBuilder.metric = metric  # type: ignore[method-assign]
-
-
-def child(mode: str, n: int, max_records: int, exact: bool) -> None:
+def child(mode: str, n: int, max_records: int) -> None:
     import dxtrack
     from dxtrack.records import RecordBuilder
-
-    if exact:
-        _exact_size_bodies()
 
     baseline = _status("VmRSS")
     dx = dxtrack.DXTrack()
@@ -120,10 +100,10 @@ def child(mode: str, n: int, max_records: int, exact: bool) -> None:
     os._exit(0)  # a stalled worker must not hold up the exit
 
 
-def measure(mode: str, n: int, max_records: int, exact: bool = False) -> Dict[str, Any]:
+def measure(mode: str, n: int, max_records: int) -> Dict[str, Any]:
     command = [sys.executable, os.path.abspath(__file__), "--child", mode, str(n), str(max_records)]
     out = subprocess.run(
-        command + (["--exact-size"] if exact else []),
+        command,
         capture_output=True,
         text=True,
         timeout=600,
@@ -141,14 +121,12 @@ def run(quick: bool) -> c.Report:
     default = 10_000 if quick else 100_000  # quick runs shrink the buffer with the counts
     reduced = default // 10
     cases = [
-        ("healthy", small, default, False),
-        ("healthy", large, default, False),
-        ("stalled", small, default, False),
-        ("stalled", large, default, False),
-        ("stalled", large, reduced, False),
+        ("healthy", small, default),
+        ("healthy", large, default),
+        ("stalled", small, default),
+        ("stalled", large, default),
+        ("stalled", large, reduced),
     ]
-    if not quick:  # what-if rows: proposal P2 (exact-size bodies), patched into the child
-        cases += [("healthy", large, default, True), ("stalled", large, default, True)]
     results: List[Dict[str, Any]] = [measure(*case) for case in cases]
 
     table = c.Table(
@@ -166,9 +144,9 @@ def run(quick: bool) -> c.Report:
             "s",
         ],
     )
-    for (mode, n, max_records, exact), r in zip(cases, results):
+    for (mode, n, max_records), r in zip(cases, results):
         table.add(
-            f"{mode}, {n:,}, {max_records:,}{' + P2 exact-size bodies' if exact else ''}",
+            f"{mode}, {n:,}, {max_records:,}",
             f"{r['baseline'] / MiB:.1f}",
             f"{r['ready'] / MiB:.1f}",
             f"{r['peak'] / MiB:.1f}",
@@ -189,10 +167,6 @@ def run(quick: bool) -> c.Report:
     table.notes.append(
         "healthy: on_full='block', everything delivered; stalled: the default "
         "'drop_newest', the first batch hangs in the worker"
-    )
-    table.notes.append(
-        "'+ P2 exact-size bodies': the library patched in that child to copy each "
-        "orjson body to an exact-size bytes (a proposal, not the shipped code)"
     )
     report.tables.append(table)
 
@@ -215,7 +189,7 @@ def run(quick: bool) -> c.Report:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) in (5, 6) and sys.argv[1] == "--child":
-        child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:] == ["--exact-size"])
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     else:
         sys.exit("run it through benchmarks/run.py memory")

@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 
 __all__ = ["logger", "RateLimitedLog"]
 
@@ -29,12 +29,18 @@ class RateLimitedLog:
         timer: Callable[[], float] = time.monotonic,
         log: logging.Logger = logger,
     ) -> None:
-        self._seen: TTLCache = TTLCache(maxsize=maxsize, ttl=period, timer=timer)
-        self._suppressed: dict = {}
+        self._seen: TTLCache[str, bool] = TTLCache(maxsize=maxsize, ttl=period, timer=timer)
+        self._suppressed: LRUCache[str, int] = LRUCache(maxsize=maxsize)  # bounded too
         self._lock = threading.Lock()
         self._log = log
 
-    def __call__(self, level: int, key: str, message: str, *args: Any, exc_info: Any = None) -> bool:
+    def after_fork_in_child(self) -> None:
+        """A new lock: the parent's may have been held by another thread at fork time."""
+        self._lock = threading.Lock()
+
+    def __call__(
+        self, level: int, key: str, message: str, *args: Any, exc_info: Any = None
+    ) -> bool:
         """Log unless ``key`` was logged within the period; returns whether it logged."""
         with self._lock:
             if key in self._seen:

@@ -164,7 +164,7 @@ class RingBuffer:
                     self.dropped["buffer_full"] += 1
                     s.drops += 1
                     return DROPPED
-            if not queue:
+            if not queue and not urgent:
                 s.due = self.clock.monotonic() + self.flush_interval * (
                     1.0 + _INTERVAL_JITTER * (2.0 * random.random() - 1.0)
                 )
@@ -287,7 +287,7 @@ class RingBuffer:
                         or len(s.queue) >= self.ready_lines or s.bytes >= self.ready_bytes
                     ):
                         self._turn = turn[i + 1:] + turn[: i + 1]  # served: to the back
-                        return self._take_batch(s, now)
+                        return self._take_batch(s)
                     next_due = s.due if next_due is None else min(next_due, s.due)
                 if self.closing:
                     return None
@@ -295,7 +295,7 @@ class RingBuffer:
                 self.clock.wait(self.wake, None if next_due is None else next_due - now)
                 self.worker_idle = False
 
-    def _take_batch(self, s: _Stream, now: float) -> Tuple[str, List[bytes], int]:
+    def _take_batch(self, s: _Stream) -> Tuple[str, List[bytes], int]:
         queue = s.queue
         limit_lines, limit_bytes = self.batch_lines, self.batch_bytes
         if len(queue) <= limit_lines and s.bytes + ID_OVERHEAD * len(queue) <= limit_bytes:
@@ -317,9 +317,7 @@ class RingBuffer:
         s.bytes -= body_bytes
         s.in_flight = True
         if not queue:
-            s.urgent = False
-        elif not s.urgent:
-            s.due = now + self.flush_interval
+            s.urgent = False  # what is left of a partial take keeps its due time
         self.progress.notify_all()  # room for callers blocked on a full buffer
         return s.name, batch, first
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import weakref
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from ._logging import RateLimitedLog, logger
@@ -26,6 +27,17 @@ __all__ = ["DXTrack"]
 
 _State = Tuple[RecordBuilder, Pipeline]
 
+_clients: weakref.WeakSet[DXTrack] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_clients):
+        client._lock = threading.RLock()  # the parent's may have been held at fork time
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 class DXTrack:
     """A dxtrack client. ``from dxtrack import dxtrack`` gives a ready-made one.
@@ -36,7 +48,8 @@ class DXTrack:
     :param clock: the source of time for intervals, deadlines and waits; tests
         pass a :class:`dxtrack.clock.ManualClock`.
     :param inherit: share settings with child processes: ``configure()``
-        publishes its non-secret settings in the environment, and an
+        publishes its non-secret settings in a private file named in the
+        environment (never a secret), and an
         unconfigured client in a ``multiprocessing`` child adopts them on first
         use (see :mod:`dxtrack.processes`). The ready-made ``dxtrack`` has it on.
     """
@@ -54,11 +67,14 @@ class DXTrack:
         self._state: Optional[_State] = None
         self._config: Optional[Config] = None
         self._pipelines: List[Pipeline] = []
+        # Counters of pipelines that are closed and whose worker has ended, folded in.
+        self._retired: Dict[str, Any] = {"dropped": {}}
         self._closed = False
         #: The pipeline the last close() closed: later calls return its verdict.
         self._closed_pipeline: Optional[Pipeline] = None
         self._refused: Dict[str, int] = {}
         self._log = RateLimitedLog()
+        _clients.add(self)
 
     # -- configuration ---------------------------------------------------------
     def configure(self, *, stage: str, context: str, run_id: str, **options: Any) -> Config:
@@ -78,9 +94,16 @@ class DXTrack:
             self._config = config
             self._closed = False
             self._closed_pipeline = None
+            self._pipelines = [p for p in self._pipelines if not self._retire(p)]
             self._pipelines.append(pipeline)
             if publish:
-                export_settings(config)
+                try:
+                    export_settings(config)
+                except OSError as exc:
+                    self._log.warning(
+                        "publish-failed",
+                        "dxtrack could not share its settings with child processes: %s", exc,
+                    )
         if old is not None:
             old[1].close()
         return config
@@ -216,12 +239,19 @@ class DXTrack:
         if stream == METRIC:
             for body in bodies:
                 seq = pipeline.put(METRIC, body, pipeline.metric_urgent)
-                if seq <= 0:
+                if seq == CLOSED:
                     self._refuse(stream)
+                elif seq == DROPPED:  # counted by the buffer
+                    self._after_refusal(stream, DROPPED, [])
                 elif pipeline.metric_waits:
                     pipeline.wait_for(METRIC, seq)
         else:
-            pipeline.put_errors(bodies)
+            results = pipeline.put_errors(bodies)
+            for result in results:
+                if result == CLOSED:
+                    self._refuse(stream)
+            if DROPPED in results:
+                self._after_refusal(stream, DROPPED, [])
 
     def _unconfigured(self, stream: str, count: int = 1) -> Optional[_State]:
         """The state to use when none is set: adopted from a parent process, or None."""
@@ -313,16 +343,28 @@ class DXTrack:
         with self._lock:
             pipelines = list(self._pipelines)
             total: Dict[str, Any] = {"dropped": dict(self._refused)}
+            _add(total, self._retired)
         for pipeline in pipelines:
-            for key, value in pipeline.stats().items():
-                if key == "dropped":
-                    for reason, count in value.items():  # type: ignore[attr-defined]
-                        total["dropped"][reason] = total["dropped"].get(reason, 0) + count
-                else:
-                    total[key] = total.get(key, 0) + value
+            _add(total, pipeline.stats())
         for key in ("enqueued", "delivered", "pending", "failed", "retried", "batches"):
             total.setdefault(key, 0)
         return total
 
+    def _retire(self, pipeline: Pipeline) -> bool:
+        """Fold a finished pipeline's counters into the totals, so it can be let go."""
+        if not pipeline.finished():
+            return False
+        _add(self._retired, pipeline.stats())
+        return True
+
     def __repr__(self) -> str:
         return f"DXTrack({self._config!r})" if self._config else "DXTrack(not configured)"
+
+
+def _add(total: Dict[str, Any], counts: Dict[str, Any]) -> None:
+    for key, value in counts.items():
+        if key == "dropped":
+            for reason, count in value.items():
+                total["dropped"][reason] = total["dropped"].get(reason, 0) + count
+        else:
+            total[key] = total.get(key, 0) + value

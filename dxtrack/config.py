@@ -55,6 +55,9 @@ DEFAULT_MAX_RECORD_BYTES = 1_000_000
 #: Firehose's own limit on one record, before base64.
 FIREHOSE_MAX_RECORD_BYTES = 1_024_000
 
+#: Longest ``context`` or ``run_id``: they travel in every record.
+MAX_LABEL_CHARS = 1024
+
 _SECRET_FIELDS = frozenset({"aws_secret_access_key", "aws_session_token"})
 
 
@@ -106,6 +109,9 @@ class Config:
         _choice("stage", self.stage, STAGES)
         _text("context", self.context)
         _text("run_id", self.run_id)
+        for name in ("context", "run_id"):  # in every record: keep them small
+            if len(getattr(self, name)) > MAX_LABEL_CHARS:
+                raise ConfigurationError(f"{name} must be at most {MAX_LABEL_CHARS:,} characters")
         if self.default_metadata is None:
             object.__setattr__(self, "default_metadata", {})
         elif not isinstance(self.default_metadata, Mapping):

@@ -34,7 +34,7 @@ from . import dxtrack
 
 REGION = "eu-west-1"
 BUCKET = "dxtrack-demo-landing"
-CREDENTIALS = {"aws_access_key_id": "demo", "aws_secret_access_key": "demo"}
+CREDENTIALS: Dict[str, Any] = {"aws_access_key_id": "demo", "aws_secret_access_key": "demo"}
 
 
 class ParseError(Exception):
@@ -50,7 +50,8 @@ def scrape(shops: List[int], pages: int) -> Dict[str, int]:
         started = time.monotonic()
         failures: List[Exception] = []
         for page in range(pages):
-            dxtrack.metric("scrape.products", rng.randint(0, 48), metadata={"shop": shop, "page": page})
+            products = rng.randint(0, 48)
+            dxtrack.metric("scrape.products", products, metadata={"shop": shop, "page": page})
             emitted["metric"] += 1
             if rng.random() < 0.02:
                 try:
@@ -197,7 +198,8 @@ def run(stage: str = "dev", shops: int = 40, pages: int = 500, workers: int = 4,
             and len(found["error"]) == emitted["error"]
             and len(ids) == len(set(ids))
         )
-        print("every record landed exactly once" if ok else "RECORDS MISSING OR DUPLICATED", file=out)
+        verdict = "every record landed exactly once" if ok else "RECORDS MISSING OR DUPLICATED"
+        print(verdict, file=out)
         return ok
     finally:
         dxtrack.close(timeout=10)
@@ -207,7 +209,9 @@ def run(stage: str = "dev", shops: int = 40, pages: int = 500, workers: int = 4,
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dxtrack.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dxtrack.demo", description=(__doc__ or "").split("\n")[0]
+    )
     parser.add_argument("--stage", choices=("dev", "test"), default="dev")
     parser.add_argument("--shops", type=int, default=40)
     parser.add_argument("--pages", type=int, default=500)

@@ -64,6 +64,8 @@ class Pipeline:
     # -- the caller's path ---------------------------------------------------
     def wait_for(self, stream: str, seq: int) -> bool:
         """Block until record ``seq`` of ``stream`` is settled, at most ``sync_timeout``."""
+        if threading.current_thread() is self.worker_thread:
+            return False  # called back from the sink (a log handler, say): never wait on itself
         return self.buffer.wait_settled({stream: seq}, self.config.sync_timeout)
 
     def put_errors(self, bodies: Sequence[bytes]) -> List[int]:
@@ -127,9 +129,11 @@ class Pipeline:
         """
         buffer = self.buffer
         checkpoint = buffer.request_flush()
+        if checkpoint.pending and threading.current_thread() is self.worker_thread:
+            return False  # called back from the sink: the worker cannot wait for itself
         if checkpoint.pending:
             if not buffer.worker_running and not self._start_worker():
-                self._deliver_inline()
+                self._deliver_inline(timeout)
             if not buffer.wait_settled(checkpoint.targets, timeout):
                 return False
         return buffer.verdict(checkpoint)
@@ -171,12 +175,21 @@ class Pipeline:
         except Exception as exc:
             self.log.warning("sink-close", "dxtrack could not close %r: %r", self.sink, exc)
 
-    def _deliver_inline(self) -> None:
-        """Last resort when no thread can be started (interpreter shutdown)."""
+    def _deliver_inline(self, timeout: Optional[float]) -> None:
+        """Last resort when no thread can be started (interpreter shutdown).
+
+        No retries, and no new batch once ``timeout`` has passed (a batch
+        already sent is bounded by the sink's own timeouts).
+        """
         self.buffer.close()
-        Worker(self.buffer, self.sink, retry_deadline=0.0, log=self.log).run()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        Worker(self.buffer, self.sink, retry_deadline=0.0, log=self.log).run(deadline)
 
     # -- introspection and process events ----------------------------------------
+    def finished(self) -> bool:
+        """Closed, with no worker left: its counters will not change again."""
+        return self._closed_ok is not None and not self.buffer.worker_running
+
     def stats(self) -> Dict[str, object]:
         snapshot = self.buffer.snapshot()
         snapshot.update(sink_stats(self.sink))
@@ -188,6 +201,7 @@ class Pipeline:
         self.worker_thread = None
         self._start_lock = threading.Lock()
         self._close_lock = threading.Lock()
+        self.log.after_fork_in_child()
         sink_after_fork(self.sink)
 
 

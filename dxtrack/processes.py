@@ -51,7 +51,9 @@ INHERIT_ENV = "DXTRACK_INHERITED_SETTINGS"
 #: Exit status of a child that dxtrack let unwind after a SIGTERM (as shells report it).
 SIGTERM_STATUS = 128 + int(signal.SIGTERM)
 
-_NOT_INHERITED = frozenset({"aws_access_key_id", "aws_secret_access_key", "aws_session_token", "sink"})
+_NOT_INHERITED = frozenset(
+    {"aws_access_key_id", "aws_secret_access_key", "aws_session_token", "sink"}
+)
 
 _settings_path: Optional[str] = None   # the file this process publishes its settings in
 _settings_owner: Optional[int] = None  # ... and the process it belongs to
@@ -59,6 +61,15 @@ _finalizer_pid: Optional[int] = None  # the process whose exit finalizer is regi
 _handler_pid: Optional[int] = None    # the process whose SIGTERM handler was considered
 _prepare_lock = threading.Lock()
 _exiting = False
+
+
+def _after_fork_in_child() -> None:
+    global _prepare_lock
+    _prepare_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def in_child_process() -> bool:
@@ -181,7 +192,7 @@ def export_settings(config: Config) -> None:
     data = orjson.dumps(settings, default=str, option=orjson.OPT_NON_STR_KEYS)
     with _prepare_lock:
         path = _claim_settings_path()
-        staging = f"{path}.{threading.get_ident()}.tmp"
+        staging = f"{path}.{secrets.token_hex(4)}.tmp"
         fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as out:
             out.write(data)

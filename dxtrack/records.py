@@ -19,7 +19,6 @@ import binascii
 import datetime as _dt
 import hashlib
 import math
-import sys
 import time
 import traceback
 from collections.abc import Mapping as _Mapping
@@ -188,11 +187,6 @@ def format_traceback(exc: BaseException) -> str:
         return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     except Exception as failure:  # a broken __str__ must not cost the record
         return f"<traceback unavailable: {failure!r}>"
-
-
-def current_exception() -> Optional[BaseException]:
-    """The exception being handled right now, if any."""
-    return sys.exc_info()[1]
 
 
 def _safe_str(exc: BaseException) -> str:

@@ -10,6 +10,7 @@ ever raised into the application.
 from __future__ import annotations
 
 import random
+import time
 from typing import List, Optional, Sequence
 
 from ._logging import RateLimitedLog
@@ -45,9 +46,10 @@ class Worker:
         self.backoff_cap = BACKOFF_CAP if backoff_cap is None else backoff_cap
         self.log = log
 
-    def run(self) -> None:
+    def run(self, deadline: Optional[float] = None) -> None:
+        """Send batches until stopped; with a ``deadline`` (monotonic), none after it."""
         try:
-            while True:
+            while deadline is None or time.monotonic() < deadline:
                 work = self.buffer.take()
                 if work is None:
                     return
@@ -85,7 +87,8 @@ class Worker:
                     )
                     ceiling = min(self.backoff_cap, self.backoff_base * (2 ** min(attempt, 30)))
                     attempt += 1
-                    if self.buffer.wait_backoff(min(random.uniform(0.0, ceiling), left), len(pending)):
+                    delay = min(random.uniform(0.0, ceiling), left)
+                    if self.buffer.wait_backoff(delay, len(pending)):
                         continue
                 why = "retry_deadline passed" if left <= 0 else "the client stopped"
                 self.log.error(

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import urllib.request
 from typing import Any, Callable, Dict, Iterator, List
 
 import boto3
 import orjson
 import pytest
-import urllib.request
 
 from dxtrack import DXTrack
 from dxtrack.processes import INHERIT_ENV

@@ -14,10 +14,10 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List
 
+import mp_jobs
 import orjson
 import pytest
 
-import mp_jobs
 from dxtrack import dxtrack
 from dxtrack.processes import INHERIT_ENV
 
@@ -113,7 +113,8 @@ class TestTerminatedWorkers:
         client = make_client(use_async_requests=True, output_dir=str(tmp_path))
         client.metric("rows", 1)
         [worker] = [t for t in threading.enumerate() if t.name == "dxtrack-worker"]
-        status = open(f"/proc/self/task/{worker.native_id}/status").read()
+        with open(f"/proc/self/task/{worker.native_id}/status") as task:
+            status = task.read()
         blocked = int(status.split("SigBlk:")[1].split()[0], 16)
         for signum in (signal.SIGTERM, signal.SIGINT):
             assert blocked & (1 << (signum - 1)), f"{signum!r} could land on dxtrack's thread"
@@ -227,7 +228,8 @@ class TestSpawnedChildrenInheritSettings:
         dxtrack.configure(context="pool-tests", run_id="run-1", **landing.client_options())
         try:
             path = os.environ[INHERIT_ENV]
-            text = open(path, "rb").read()
+            with open(path, "rb") as published:
+                text = published.read()
             published = orjson.loads(text)
             assert published["endpoint_url"] == landing.url
             assert published["explicit_credentials"] is True

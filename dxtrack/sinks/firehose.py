@@ -53,7 +53,7 @@ NO_CREDENTIALS = (
 #: ... and when botocore refuses the request before sending it.
 BAD_REQUEST = "botocore refused the request as built; this is a dxtrack bug, please report it"
 
-#: Timeouts and pool size: a hung endpoint costs seconds, not minutes.
+#: Timeouts: a hung endpoint costs seconds, not minutes.
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 15.0
 

@@ -16,6 +16,7 @@ class MemorySink:
     """Keeps every delivered line, per stream.
 
     >>> sink = MemorySink()
+    >>> client = DXTrack()
     >>> client.configure(stage="test", context="job", run_id="1", sink=sink)
     >>> client.metric("rows", 3); client.flush_metrics_buffer()
     >>> sink.records("metric")[0]["value"]
