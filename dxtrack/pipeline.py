@@ -93,14 +93,16 @@ class Pipeline:
             thread = threading.Thread(
                 target=self._run_worker, args=(worker,), name="dxtrack-worker", daemon=True
             )
-            # Set before start(): a worker that dies at once must be able to clear it.
+            # Set before start(): a worker that dies at once must be able to clear the flag,
+            # and one that calls back into dxtrack at once must be recognised.
             buffer.worker_running = True
+            self.worker_thread = thread
             try:
                 thread.start()
             except RuntimeError:  # interpreter shutting down: no new threads
                 buffer.worker_running = False
+                self.worker_thread = None
                 return False
-            self.worker_thread = thread
         prepare_process(_close_all_at_exit, grace=self.config.shutdown_timeout + 1.0)
         return True
 
@@ -151,7 +153,7 @@ class Pipeline:
             ok = self.flush(timeout)
             self.buffer.close()
             thread = self.worker_thread
-            if thread is not None:
+            if thread is not None and thread is not threading.current_thread():
                 thread.join(max(0.0, timeout - (time.monotonic() - started)))
             self.buffer.stop()
             if thread is None or not thread.is_alive():

@@ -751,3 +751,49 @@ class TestManualClock:
             _, elapsed = timed(lambda: clock.wait(condition, 0.05))
         assert elapsed < 5.0
         assert clock.monotonic() == 1000.0  # real time passing moves nothing
+
+
+class TestCallsFromTheWorkerThread:
+    """A sink (or a log handler it triggers) that calls dxtrack back never waits on itself."""
+
+    def test_record_flush_and_close_from_inside_send(self, make_client: Any) -> None:
+        seen: Dict[str, Any] = {}
+        done = threading.Event()
+
+        class CallingBack(MemorySink):
+            def send(self, stream: str, lines: Any) -> Any:
+                if stream == "metric" and "flush" not in seen:
+                    started = time.monotonic()
+                    client.metric("from.sink", 1)  # default mode: would wait sync_timeout
+                    seen["flush"] = client.flush_metrics_buffer(timeout=30)
+                    seen["seconds"] = time.monotonic() - started
+                    done.set()
+                return super().send(stream, lines)
+
+        sink = CallingBack()
+        client = make_client(sink=sink, sync_timeout=30)
+        client.metric("rows", 1)
+        assert done.wait(10)
+        assert seen["flush"] is False  # it cannot wait for the batch it is sending
+        assert seen["seconds"] < 5
+        assert client.flush_metrics_buffer(timeout=10)
+        assert sorted(r["metric_name"] for r in sink.records("metric")) == ["from.sink", "rows"]
+
+    def test_close_from_inside_send_does_not_raise(self, make_client: Any) -> None:
+        outcome: Dict[str, Any] = {}
+
+        class Closing(MemorySink):
+            def send(self, stream: str, lines: Any) -> Any:
+                try:
+                    outcome["closed"] = client.close(timeout=1)
+                except BaseException as exc:  # noqa: BLE001 - the test reports it
+                    outcome["error"] = exc
+                return super().send(stream, lines)
+
+        client = make_client(sink=Closing(), use_async_requests=True)
+        client.metric("rows", 1)
+        deadline = time.monotonic() + 10
+        while not outcome and time.monotonic() < deadline:
+            time.sleep(0.01)  # waiting on the sink call the test itself set up
+        assert "error" not in outcome
+        assert outcome.get("closed") is False
