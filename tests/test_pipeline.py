@@ -781,6 +781,7 @@ class TestCallsFromTheWorkerThread:
 
     def test_close_from_inside_send_does_not_raise(self, make_client: Any) -> None:
         outcome: Dict[str, Any] = {}
+        returned = threading.Event()
 
         class Closing(MemorySink):
             def send(self, stream: str, lines: Any) -> Any:
@@ -788,12 +789,11 @@ class TestCallsFromTheWorkerThread:
                     outcome["closed"] = client.close(timeout=1)
                 except BaseException as exc:  # noqa: BLE001 - the test reports it
                     outcome["error"] = exc
+                returned.set()
                 return super().send(stream, lines)
 
         client = make_client(sink=Closing(), use_async_requests=True)
         client.metric("rows", 1)
-        deadline = time.monotonic() + 10
-        while not outcome and time.monotonic() < deadline:
-            time.sleep(0.01)  # waiting on the sink call the test itself set up
+        assert returned.wait(10)
         assert "error" not in outcome
         assert outcome.get("closed") is False
