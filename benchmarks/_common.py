@@ -377,24 +377,12 @@ class MotoServer:
 
     def reset(self) -> None:
         """Drop all state (S3 objects too), then create the bucket and both streams."""
-        import boto3
+        from dxtrack.demo import create_landing
 
         request = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
         urllib.request.urlopen(request, timeout=30).close()
-        session = boto3.session.Session(region_name=REGION, **CREDENTIALS)
-        s3 = session.client("s3", endpoint_url=self.url)
-        firehose = session.client("firehose", endpoint_url=self.url)
-        s3.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
-        for stream in ("metric", "error"):
-            firehose.create_delivery_stream(
-                DeliveryStreamName=f"dxtrack-{stream}-input-{STAGE}",
-                DeliveryStreamType="DirectPut",
-                ExtendedS3DestinationConfiguration={
-                    "RoleARN": "arn:aws:iam::123456789012:role/dxtrack",
-                    "BucketARN": f"arn:aws:s3:::{BUCKET}",
-                    "Prefix": f"{stream}/",
-                },
-            )
+        create_landing(self.url, bucket=BUCKET, stage=STAGE, region=REGION,
+                       credentials=CREDENTIALS)
 
     def landed_lines(self, stream: str) -> int:
         """Lines in the S3 objects under the stream's prefix."""

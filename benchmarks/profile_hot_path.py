@@ -9,6 +9,11 @@ way, and next to each piece a variant with one change (labelled P1, P2, ...).
 The variants are copies of the library's code as of this script, changed in
 one place; the library itself is not modified. Figures are ns per record,
 medians of interleaved rounds.
+
+P1 to P4 have since been applied to the library: for those, the "current"
+copies here show the code as it was before them, which is what RESULTS.md's
+before/after figures compare. The end-to-end part (in-process patches) only
+means something for the proposals not applied yet (P5 on).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import orjson
 
@@ -80,7 +80,6 @@ def _scrape_task(task: Tuple[List[int], int]) -> Dict[str, int]:
 def _start_firehose() -> Tuple[Any, str]:
     """An embedded moto server with the bucket and the two dev streams."""
     try:
-        import boto3
         from moto.server import ThreadedMotoServer
     except ImportError:  # pragma: no cover - depends on the install
         sys.exit("the dev demo needs moto's server: pip install 'dxtrack[demo]' (make demo does)")
@@ -89,22 +88,42 @@ def _start_firehose() -> Tuple[Any, str]:
     server.start()
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
-    options: Dict[str, Any] = dict(region_name=REGION, endpoint_url=url, **CREDENTIALS)
+    create_landing(url)
+    return server, url
+
+
+def create_landing(
+    url: str,
+    *,
+    bucket: str = BUCKET,
+    stage: str = "dev",
+    region: str = REGION,
+    credentials: Optional[Dict[str, Any]] = None,
+    streams: Sequence[str] = ("metric", "error"),
+) -> None:
+    """Create ``bucket`` and the stage's delivery streams into it (prefix ``<stream>/``).
+
+    For a moto server at ``url``: the demo, the tests and the benchmarks all use it.
+    """
+    import boto3
+
+    options: Dict[str, Any] = dict(
+        region_name=region, endpoint_url=url, **(credentials or CREDENTIALS)
+    )
     boto3.client("s3", **options).create_bucket(
-        Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION}
+        Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": region}
     )
     firehose = boto3.client("firehose", **options)
-    for stream in ("metric", "error"):
+    for stream in streams:
         firehose.create_delivery_stream(
-            DeliveryStreamName=f"dxtrack-{stream}-input-dev",
+            DeliveryStreamName=f"dxtrack-{stream}-input-{stage}",
             DeliveryStreamType="DirectPut",
             ExtendedS3DestinationConfiguration={
-                "RoleARN": "arn:aws:iam::123456789012:role/dxtrack-demo",
-                "BucketARN": f"arn:aws:s3:::{BUCKET}",
+                "RoleARN": "arn:aws:iam::123456789012:role/dxtrack",
+                "BucketARN": f"arn:aws:s3:::{bucket}",
                 "Prefix": f"{stream}/",
             },
         )
-    return server, url
 
 
 def _landed(url: str) -> Dict[str, List[bytes]]:

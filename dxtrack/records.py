@@ -101,7 +101,7 @@ class RecordBuilder:
         try:
             body = _dumps(record)
         except TypeError:
-            body = _serialize(record)
+            body = _serialize_leniently(record)  # the plain attempt just failed
         if len(body) > MAX_BODY_BYTES:
             raise ValueError(
                 f"metric {name!r} serializes to {len(body) + ID_OVERHEAD - 1:,} bytes, over the "
@@ -200,7 +200,11 @@ def _serialize(record: Dict[str, Any]) -> bytes:
     try:
         return _dumps(record)
     except TypeError:
-        pass
+        return _serialize_leniently(record)
+
+
+def _serialize_leniently(record: Dict[str, Any]) -> bytes:
+    """What plain ``orjson.dumps`` refused: unknown values as ``str()``, then value by value."""
     try:
         return _dumps(record, default=str, option=orjson.OPT_NON_STR_KEYS)
     except TypeError:

@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from dxtrack import DXTrack
+from dxtrack.demo import create_landing
 from dxtrack.processes import INHERIT_ENV
 
 REGION = "eu-west-1"
@@ -56,19 +57,8 @@ class Landing:
         self.firehose = boto3.client("firehose", **kwargs)
 
     def create(self, streams: tuple = ("metric", "error")) -> None:
-        self.s3.create_bucket(
-            Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION}
-        )
-        for stream in streams:
-            self.firehose.create_delivery_stream(
-                DeliveryStreamName=f"dxtrack-{stream}-input-{self.stage}",
-                DeliveryStreamType="DirectPut",
-                ExtendedS3DestinationConfiguration={
-                    "RoleARN": "arn:aws:iam::123456789012:role/dxtrack",
-                    "BucketARN": f"arn:aws:s3:::{BUCKET}",
-                    "Prefix": f"{stream}/",
-                },
-            )
+        create_landing(self.url, bucket=BUCKET, stage=self.stage, region=REGION,
+                       credentials=CREDENTIALS, streams=streams)
 
     def objects(self, stream: str) -> List[bytes]:
         """Every S3 object body under the stream's prefix (one per PutRecordBatch call)."""
