@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAGE  ?= dev
 
-.PHONY: test demo bench lint typecheck clean
+.PHONY: test test-full demo bench lint typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ $(VENV)/.dev-installed: setup.py | $(BIN)/python
 
 test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -q
+
+# The whole suite with the process-pool matrix at full counts in every mode (about an hour).
+test-full: $(VENV)/.test-installed
+	$(BIN)/python -m pytest -q --full-counts
 
 demo: $(VENV)/.test-installed
 	$(BIN)/python -m dxtrack.demo --stage $(STAGE)

@@ -18,6 +18,7 @@ setup(
     packages=find_packages(include=["dxtrack", "dxtrack.*"]),
     package_data={"dxtrack": ["py.typed"]},
     python_requires=">=3.9",
+    entry_points={"console_scripts": ["dxtrack=dxtrack.cli:main"]},
     install_requires=[
         "boto3>=1.26",
         "orjson>=3.8",

@@ -11,18 +11,22 @@ from ._version import __version__
 from .client import DXTrack
 from .config import Config
 from .exceptions import ConfigurationError, DXTrackError
+from .handler import DXTrackHandler
 from .sinks import FileSink, MemorySink, PrintSink, SendResult, Sink
+from .timer import Timer
 
 __all__ = [
     "Config",
     "ConfigurationError",
     "DXTrack",
     "DXTrackError",
+    "DXTrackHandler",
     "FileSink",
     "MemorySink",
     "PrintSink",
     "SendResult",
     "Sink",
+    "Timer",
     "__version__",
     "dxtrack",
 ]

@@ -13,6 +13,8 @@ from ._version import __version__
 from .buffer import CLOSED, DROPPED
 from .clock import Clock, SystemClock
 from .config import Config, settings_from_kwargs
+from .env import unknown_variables
+from .hooks import UnhandledCapture
 from .pipeline import Pipeline
 from .processes import (
     export_settings,
@@ -22,6 +24,7 @@ from .processes import (
 )
 from .records import ERROR, METRIC, RecordBuilder
 from .sinks import Sink, sink_for
+from .timer import Timer
 
 __all__ = ["DXTrack"]
 
@@ -74,16 +77,37 @@ class DXTrack:
         self._closed_pipeline: Optional[Pipeline] = None
         self._refused: Dict[str, int] = {}
         self._log = RateLimitedLog()
+        self._capture = UnhandledCapture(self)
         _clients.add(self)
 
     # -- configuration ---------------------------------------------------------
-    def configure(self, *, stage: str, context: str, run_id: str, **options: Any) -> Config:
+    def configure(
+        self,
+        *,
+        stage: Optional[str] = None,
+        context: Optional[str] = None,
+        run_id: Optional[str] = None,
+        **options: Any,
+    ) -> Config:
         """Validate the settings and start using them; returns the :class:`Config`.
+
+        ``stage``, ``context`` and ``run_id`` are required, here or through
+        ``DXTRACK_STAGE``, ``DXTRACK_CONTEXT`` and ``DXTRACK_RUN_ID``; every other
+        non-secret option also takes its default from ``DXTRACK_<OPTION>`` (see
+        :mod:`dxtrack.env`), and an argument given here wins over its variable.
 
         Configuring again first sends whatever is pending under the old
         settings (bounded by the old ``shutdown_timeout``).
         """
-        config = settings_from_kwargs(dict(stage=stage, context=context, run_id=run_id, **options))
+        config = settings_from_kwargs(
+            dict(stage=stage, context=context, run_id=run_id, **options), os.environ
+        )
+        for variable in sorted(unknown_variables()):
+            self._log.warning(
+                f"unknown-variable:{variable}",
+                "dxtrack: the environment variable %s names no dxtrack option; it is ignored",
+                variable,
+            )
         return self._use(config, publish=self._inherit)
 
     def _use(self, config: Config, publish: bool) -> Config:
@@ -96,6 +120,10 @@ class DXTrack:
             self._closed_pipeline = None
             self._pipelines = [p for p in self._pipelines if not self._retire(p)]
             self._pipelines.append(pipeline)
+            if config.capture_unhandled:
+                self._capture.install()
+            else:
+                self._capture.uninstall()
             if publish:
                 try:
                     export_settings(config)
@@ -299,6 +327,17 @@ class DXTrack:
             message = "dxtrack is not configured: call dxtrack.configure() first; %s dropped"
         self._log.warning(reason, message, stream)
 
+    def timer(self, name: str, metadata: Optional[Mapping[str, Any]] = None) -> Timer:
+        """Time a block (``with``) or each call of a function (decorator) as metric ``name``.
+
+        The value is the elapsed seconds on a monotonic clock, recorded when
+        the block ends, whether it returned or raised.
+
+        :raises ValueError: for a bad name, at this call.
+        :raises TypeError: for metadata that is not a dict, at this call.
+        """
+        return Timer(self, name, metadata, self._clock.monotonic)
+
     # -- checkpoints -------------------------------------------------------------
     def flush_metrics_buffer(self, timeout: Optional[float] = None) -> bool:
         """Send everything recorded before this call, on both streams, and wait.
@@ -328,6 +367,7 @@ class DXTrack:
             if state is not None:
                 self._closed_pipeline = state[1]
             pipeline = self._closed_pipeline
+            self._capture.uninstall()
             if self._inherit:
                 withdraw_settings()
         if pipeline is None:  # never configured

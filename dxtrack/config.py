@@ -89,6 +89,8 @@ class Config:
     buffer_metrics: bool = False
     use_async_requests: bool = False
     papertrail_hostport: Optional[str] = None
+    #: Record (and flush) exceptions nobody caught, in the main thread and in threads.
+    capture_unhandled: bool = False
     # Record format and stage 'test' output.
     timestamp_format: str = "unix"
     output_dir: str = "./.dxtrack_output"
@@ -111,13 +113,16 @@ class Config:
         _text("run_id", self.run_id)
         for name in ("context", "run_id"):  # in every record: keep them small
             if len(getattr(self, name)) > MAX_LABEL_CHARS:
-                raise ConfigurationError(f"{name} must be at most {MAX_LABEL_CHARS:,} characters")
+                raise ConfigurationError(
+                    f"{name} must be at most {MAX_LABEL_CHARS:,} characters", option=name
+                )
         if self.default_metadata is None:
             object.__setattr__(self, "default_metadata", {})
         elif not isinstance(self.default_metadata, Mapping):
             raise ConfigurationError(
                 "default_metadata must be a dict or None, got "
-                f"{type(self.default_metadata).__name__}"
+                f"{type(self.default_metadata).__name__}",
+                option="default_metadata",
             )
         else:
             # A private snapshot: later changes to the caller's dict change nothing.
@@ -129,14 +134,19 @@ class Config:
             value = getattr(self, name)
             if value is not None:
                 _text(name, value, secret=name in _SECRET_FIELDS)
+        if self.endpoint_url is not None:
+            _endpoint("endpoint_url", self.endpoint_url)
+        if self.region_name is not None:
+            _region("region_name", self.region_name)
         if (self.aws_access_key_id is None) != (self.aws_secret_access_key is None):
             raise ConfigurationError(
-                "aws_access_key_id and aws_secret_access_key must be given together"
+                "aws_access_key_id and aws_secret_access_key must be given together",
+                option="aws_secret_access_key",
             )
-        for name in ("pack_records", "buffer_metrics", "use_async_requests"):
+        for name in ("pack_records", "buffer_metrics", "use_async_requests", "capture_unhandled"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigurationError(
-                    f"{name} must be True or False, got {getattr(self, name)!r}"
+                    f"{name} must be True or False, got {getattr(self, name)!r}", option=name
                 )
         if self.papertrail_hostport is not None:
             _hostport("papertrail_hostport", self.papertrail_hostport)
@@ -144,7 +154,8 @@ class Config:
         _choice("test_output", self.test_output, TEST_OUTPUTS)
         if not isinstance(self.output_dir, (str, os.PathLike)) or not os.fspath(self.output_dir):
             raise ConfigurationError(
-                f"output_dir must be a non-empty path, got {self.output_dir!r}"
+                f"output_dir must be a non-empty path, got {self.output_dir!r}",
+                option="output_dir",
             )
         _choice("on_full", self.on_full, ON_FULL_POLICIES)
         _integer("max_buffer_records", self.max_buffer_records, minimum=1)
@@ -155,7 +166,7 @@ class Config:
                      "sync_timeout"):
             _seconds(name, getattr(self, name))
         if self.sink is not None and not callable(getattr(self.sink, "send", None)):
-            raise ConfigurationError("sink must have a send(stream, lines) method")
+            raise ConfigurationError("sink must have a send(stream, lines) method", option="sink")
 
     def stream_name(self, stream: str) -> str:
         """The Firehose delivery stream that receives ``stream`` ('metric' or 'error')."""
@@ -181,7 +192,7 @@ class Config:
 def _choice(name: str, value: Any, allowed: Tuple[str, ...]) -> None:
     if value not in allowed:
         choices = ", ".join(map(repr, allowed))
-        raise ConfigurationError(f"{name} must be one of {choices}, got {value!r}")
+        raise ConfigurationError(f"{name} must be one of {choices}, got {value!r}", option=name)
 
 
 def _text(name: str, value: Any, *, secret: bool = False) -> None:
@@ -193,7 +204,7 @@ def _text(name: str, value: Any, *, secret: bool = False) -> None:
             shown = "a blank string"
         else:
             shown = f"a value of type {type(value).__name__}"
-        raise ConfigurationError(f"{name} must be a non-empty string, got {shown}")
+        raise ConfigurationError(f"{name} must be a non-empty string, got {shown}", option=name)
 
 
 def _snapshot(metadata: Mapping[str, Any]) -> Dict[str, Any]:
@@ -219,7 +230,9 @@ def _integer(name: str, value: Any, *, minimum: int, maximum: Optional[int] = No
             bound = f"from {minimum:,} to {maximum:,}"
         else:
             bound = f"of at least {minimum:,}"
-        raise ConfigurationError(f"{name} must be a whole number {bound}, got {value!r}")
+        raise ConfigurationError(
+            f"{name} must be a whole number {bound}, got {value!r}", option=name
+        )
 
 
 def _seconds(name: str, value: Any) -> None:
@@ -229,19 +242,70 @@ def _seconds(name: str, value: Any) -> None:
         or not math.isfinite(value)
         or value < 0
     ):
-        raise ConfigurationError(f"{name} must be a number of seconds >= 0, got {value!r}")
+        raise ConfigurationError(
+            f"{name} must be a number of seconds >= 0, got {value!r}", option=name
+        )
+
+
+def _endpoint(name: str, value: str) -> None:
+    # botocore refuses a malformed URL only at the first call, as a plain ValueError, which a
+    # background worker could only retry: refuse it here, where it was given.
+    from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
+
+    if not (is_valid_endpoint_url(value) or is_valid_ipv6_endpoint_url(value)):
+        raise ConfigurationError(
+            f"{name} must be a URL such as 'https://firehose.eu-west-1.amazonaws.com', "
+            f"got {value!r}", option=name,
+        )
+
+
+def _region(name: str, value: str) -> None:
+    from botocore.utils import validate_region_name
+
+    try:
+        validate_region_name(value)
+    except ValueError:
+        raise ConfigurationError(
+            f"{name} must be an AWS region name such as 'eu-west-1', got {value!r}", option=name
+        ) from None
 
 
 def _hostport(name: str, value: Any) -> None:
     host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigurationError(f"{name} must look like 'host:port', got {value!r}")
+        raise ConfigurationError(f"{name} must look like 'host:port', got {value!r}", option=name)
 
 
-def settings_from_kwargs(kwargs: Dict[str, Any]) -> Config:
-    """Build a Config, turning an unknown keyword into a clear error."""
+def settings_from_kwargs(
+    kwargs: Dict[str, Any], environ: Optional[Mapping[str, str]] = None
+) -> Config:
+    """Build a Config, turning an unknown keyword into a clear error.
+
+    With ``environ`` (``os.environ`` for ``configure()``), ``DXTRACK_<OPTION>``
+    variables supply the options ``kwargs`` leaves out or sets to ``None``;
+    an error about a value taken from a variable names the variable.
+    """
     known = {f.name for f in fields(Config)}
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise TypeError(f"configure() got unexpected keyword argument(s): {', '.join(unknown)}")
-    return Config(**kwargs)
+    sources: Dict[str, str] = {}
+    if environ is not None:
+        from .env import environment_defaults, variable_for
+
+        from_env, sources = environment_defaults(kwargs, environ)
+        kwargs = {**{k: v for k, v in kwargs.items() if v is not None}, **from_env}
+        for option in ("stage", "context", "run_id"):
+            if kwargs.get(option) is None:
+                raise TypeError(
+                    f"configure() needs {option}: pass {option}=... or set {variable_for(option)}"
+                )
+    try:
+        return Config(**kwargs)
+    except ConfigurationError as exc:
+        if exc.option not in sources:
+            raise
+        variable = sources[exc.option]
+        raise ConfigurationError(
+            f"{variable} (from the environment): {exc}", option=exc.option
+        ) from None

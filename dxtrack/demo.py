@@ -145,8 +145,11 @@ def _local(output_dir: str) -> Dict[str, List[bytes]]:
     found: Dict[str, List[bytes]] = {}
     for stream in ("metric", "error"):
         path = os.path.join(output_dir, f"{stream}.jsonl")
-        with open(path, "rb") as lines:
-            found[stream] = lines.read().splitlines()
+        try:
+            with open(path, "rb") as lines:
+                found[stream] = lines.read().splitlines()
+        except FileNotFoundError:  # a small run may record no error at all
+            found[stream] = []
     return found
 
 
@@ -227,10 +230,8 @@ def run(stage: str = "dev", shops: int = 40, pages: int = 500, workers: int = 4,
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dxtrack.demo", description=(__doc__ or "").split("\n")[0]
-    )
+def main(argv: Optional[List[str]] = None, prog: str = "python -m dxtrack.demo") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--stage", choices=("dev", "test"), default="dev")
     parser.add_argument("--shops", type=int, default=40)
     parser.add_argument("--pages", type=int, default=500)

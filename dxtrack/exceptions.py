@@ -23,4 +23,11 @@ class DXTrackError(Exception):
 
 
 class ConfigurationError(DXTrackError, ValueError):
-    """An option given to ``configure()`` is invalid; the message names it."""
+    """An option given to ``configure()`` is invalid; the message names it.
+
+    :attr:`option` is the option's name when one option is at fault.
+    """
+
+    def __init__(self, message: str, *, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option

@@ -12,12 +12,13 @@ import os
 import threading
 import time
 import weakref
-from typing import Dict, List, Optional, Sequence, cast
+from typing import Callable, Dict, List, Optional, Sequence, cast
 
 from ._logging import RateLimitedLog, logger
-from .buffer import RingBuffer
+from .buffer import CLOSED, RingBuffer
 from .clock import Clock
 from .config import Config
+from .papertrail import PapertrailForwarder
 from .processes import block_signals_in_this_thread, prepare_process
 from .records import ERROR
 from .sinks.base import Sink, sink_after_fork, sink_stats
@@ -53,7 +54,12 @@ class Pipeline:
         )
         self.buffer.start_worker = self._start_worker
         #: The caller's entry point: ``put(stream, body, urgent) -> sequence number``.
-        self.put = self.buffer.put
+        self.put: Callable[[str, bytes, bool], int] = self.buffer.put
+        #: A best-effort syslog copy of every record, when ``papertrail_hostport`` is set.
+        self.forwarder: Optional[PapertrailForwarder] = None
+        if config.papertrail_hostport is not None:
+            self.forwarder = PapertrailForwarder(config.papertrail_hostport, config.context, log)
+            self.put = _teed(self.buffer.put, self.forwarder.put)
         self.worker_thread: Optional[threading.Thread] = None
         self._start_lock = threading.Lock()
         self._closed_ok: Optional[bool] = None
@@ -73,7 +79,7 @@ class Pipeline:
 
         Returns what ``put`` returned for each body.
         """
-        put = self.buffer.put
+        put = self.put
         # Only the last one wakes the worker, so they go out in one batch.
         results = [put(ERROR, body, False) for body in bodies[:-1]]
         results.extend(put(ERROR, body, True) for body in bodies[-1:])
@@ -127,8 +133,18 @@ class Pipeline:
         True when nothing recorded since the last flush that completed was
         lost (dropped, evicted or failed) and all of it was delivered in time.
         A flush that times out reports nothing as seen: the next one judges
-        the same records again.
+        the same records again. Papertrail copies are waited for within the
+        same ``timeout``, but they are best effort: they never change the verdict.
         """
+        forwarder = self.forwarder
+        if forwarder is None or threading.current_thread() is self.worker_thread:
+            return self._flush_buffer(timeout)
+        started = time.monotonic()
+        ok = self._flush_buffer(timeout)
+        forwarder.flush(_left(timeout, started))
+        return ok
+
+    def _flush_buffer(self, timeout: Optional[float]) -> bool:
         buffer = self.buffer
         checkpoint = buffer.request_flush()
         if checkpoint.pending and threading.current_thread() is self.worker_thread:
@@ -158,6 +174,8 @@ class Pipeline:
             self.buffer.stop()
             if thread is None or not thread.is_alive():
                 self._close_sink()
+            if self.forwarder is not None:
+                self.forwarder.close(max(0.0, timeout - (time.monotonic() - started)))
             if not ok:
                 s = self.stats()
                 dropped = cast(Dict[str, int], s["dropped"])
@@ -195,6 +213,8 @@ class Pipeline:
     def stats(self) -> Dict[str, object]:
         snapshot = self.buffer.snapshot()
         snapshot.update(sink_stats(self.sink))
+        if self.forwarder is not None:
+            snapshot.update(self.forwarder.stats())
         return snapshot
 
     def after_fork_in_child(self) -> None:
@@ -205,6 +225,29 @@ class Pipeline:
         self._close_lock = threading.Lock()
         self.log.after_fork_in_child()
         sink_after_fork(self.sink)
+
+
+def _teed(
+    put: Callable[[str, bytes, bool], int], forward: Callable[[str, bytes], None]
+) -> Callable[[str, bytes, bool], int]:
+    """``put`` that also hands each record to ``forward``.
+
+    Records the buffer drops when full are forwarded all the same (the copy is
+    independent); a record refused because the pipeline closed is not: the
+    client gives it to the next pipeline, which forwards it.
+    """
+
+    def put_and_forward(stream: str, body: bytes, urgent: bool) -> int:
+        seq = put(stream, body, urgent)
+        if seq != CLOSED:
+            forward(stream, body)
+        return seq
+
+    return put_and_forward
+
+
+def _left(timeout: Optional[float], started: float) -> Optional[float]:
+    return None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
 
 
 def _after_fork_in_child() -> None:

@@ -17,6 +17,16 @@ What dxtrack does so that records survive ``multiprocessing``:
   (status 143) so the process unwinds through that same exit function and
   flushes; a second SIGTERM, or the bound passing, ends it at once. A handler
   the user installed is left alone.
+- **a SIGTERM the main thread cannot act on**: Python runs a handler only when
+  the main thread runs again, and a pool worker's main thread can sleep
+  forever in a C call that missed the signal (the signal landed between
+  ``SemLock``'s non-blocking try and its blocking wait). So with the handler
+  dxtrack also points the signal module's wakeup file descriptor at a pipe
+  read by a small thread of its own: on SIGTERM that thread flushes every
+  pipeline itself, within the same bound, and ends the process when the bound
+  passes if the main thread has not ended it first. When the program already
+  uses the wakeup descriptor (asyncio's signal handling does), dxtrack keeps
+  out of it and relies on the handler alone.
 - **spawn and forkserver**: a child imports the program afresh, so the
   ready-made ``dxtrack`` client publishes its settings when it is configured
   (a private file named by the environment variable :data:`INHERIT_ENV`), and
@@ -33,6 +43,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from typing import Any, Callable, Dict, Optional
 
 import orjson
@@ -61,6 +72,7 @@ _finalizer_pid: Optional[int] = None  # the process whose exit finalizer is regi
 _handler_pid: Optional[int] = None    # the process whose SIGTERM handler was considered
 _prepare_lock = threading.Lock()
 _exiting = False
+_wakeup_fd: Optional[int] = None      # the write end dxtrack gave signal.set_wakeup_fd
 
 
 def _after_fork_in_child() -> None:
@@ -107,7 +119,7 @@ def prepare_process(close_all: Callable[[], None], grace: float) -> None:
             util.Finalize(None, flush_at_child_exit, exitpriority=100)
         if _handler_pid != pid and on_main_thread:
             _handler_pid = pid
-            _install_sigterm_handler(grace)
+            _install_sigterm_handler(grace, close_all)
 
 
 #: Signals a program may handle; dxtrack's threads never take them (see below).
@@ -131,24 +143,73 @@ def block_signals_in_this_thread() -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
 
 
-def _install_sigterm_handler(grace: float) -> None:
+def _install_sigterm_handler(grace: float, close_all: Callable[[], None]) -> None:
     """Only from the main thread, the one place Python lets a handler be set."""
     try:
         if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
             return  # the user's (or a framework's) handler: leave it alone
     except ValueError:  # pragma: no cover - no SIGTERM on this platform
         return
+    watched = _watch_for_sigterm(grace, close_all)
 
     def unwind_on_sigterm(signum: int, frame: Any) -> None:
         if _exiting:
             return  # already flushing at exit: let it finish within its bound
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
-        watchdog = threading.Timer(grace, os._exit, args=(SIGTERM_STATUS,))
-        watchdog.daemon = True
-        watchdog.start()
+        if not watched:  # the watcher enforces the bound when there is one
+            watchdog = threading.Timer(grace, os._exit, args=(SIGTERM_STATUS,))
+            watchdog.daemon = True
+            watchdog.start()
         raise SystemExit(SIGTERM_STATUS)
 
     signal.signal(signal.SIGTERM, unwind_on_sigterm)
+
+
+def _watch_for_sigterm(grace: float, close_all: Callable[[], None]) -> bool:
+    """Start the thread that acts on SIGTERM even when the main thread cannot.
+
+    Returns False, changing nothing, when the wakeup descriptor is someone
+    else's or cannot be set.
+    """
+    global _wakeup_fd
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)  # the C signal handler must never block on it
+    try:
+        previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    except (ValueError, OSError):
+        previous = None
+    if previous is None or previous not in (-1, _wakeup_fd):
+        if previous is not None:
+            signal.set_wakeup_fd(previous)  # in use by the program: give it back
+        os.close(read_end)
+        os.close(write_end)
+        return False
+    _wakeup_fd = write_end  # (one inherited from a parent process is simply replaced)
+    watcher = threading.Thread(
+        target=_end_on_sigterm, args=(read_end, grace, close_all),
+        name="dxtrack-sigterm", daemon=True,
+    )
+    watcher.start()
+    return True
+
+
+def _end_on_sigterm(read_end: int, grace: float, close_all: Callable[[], None]) -> None:
+    block_signals_in_this_thread()
+    while True:
+        try:
+            received = os.read(read_end, 512)
+        except InterruptedError:  # pragma: no cover - its signals are blocked
+            continue
+        if not received:  # pragma: no cover - the write end is never closed
+            return
+        if signal.SIGTERM in received:
+            break
+    deadline = time.monotonic() + grace
+    try:
+        close_all()  # the same bounded close the exit path runs; whoever is second waits
+    finally:
+        time.sleep(max(0.0, deadline - time.monotonic()))  # the main thread's chance to end
+        os._exit(SIGTERM_STATUS)
 
 
 def reserve_settings_path() -> None:

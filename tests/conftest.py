@@ -20,6 +20,14 @@ BUCKET = "dxtrack-landing"
 CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--full-counts", action="store_true", default=False,
+        help="run the process-pool matrix with 5,000 metrics per worker in every mode "
+             "(about an hour against moto; `make test-full`)",
+    )
+
+
 @pytest.fixture(autouse=True)
 def _no_real_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     """No test may find real credentials or configuration on the machine."""

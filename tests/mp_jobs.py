@@ -53,3 +53,25 @@ def emit_then_block(lock: Any, ready: Any, metrics: int) -> None:
     ready.set()
     with lock:  # held by the parent until it gives up on us
         pass
+
+
+def emit_then_miss_sigterm(ready: Any, metrics: int) -> None:
+    """Record, then sleep where a SIGTERM cannot wake the main thread.
+
+    The main thread blocks SIGTERM and sleeps; another thread has it
+    unblocked, so the kernel hands the signal to that thread: Python's
+    handler is due, but the main thread never runs it. This is what a pool
+    worker looks like when a SIGTERM lands just before it blocks on its task
+    queue.
+    """
+    import signal
+    import threading
+    import time
+
+    for i in range(metrics):
+        dxtrack.metric("mp.missed", i)
+    idle = threading.Event()
+    threading.Thread(target=idle.wait, daemon=True).start()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    ready.set()
+    time.sleep(120)

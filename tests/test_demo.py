@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import urllib.request
 
 import pytest
 
@@ -14,7 +15,12 @@ class TestDemo:
     """The demo reports every record landed exactly once, in both stages."""
 
     @pytest.mark.parametrize("stage", ["dev", "test"])
-    def test_demo_run_lands_everything(self, stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_demo_run_lands_everything(
+        self, stage: str, monkeypatch: pytest.MonkeyPatch, moto_url: str
+    ) -> None:
+        # moto keeps its state per process: the demo's own server would see other tests' streams.
+        reset = urllib.request.Request(f"{moto_url}/moto-api/reset", method="POST")
+        urllib.request.urlopen(reset, timeout=10).close()
         # The demo sets these for its workers; let the test undo it.
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "unset")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "unset")

@@ -27,9 +27,12 @@ MODES: Dict[str, Dict[str, Any]] = {
     "async": {"use_async_requests": True},
     "buffered": {"buffer_metrics": True},
 }
-# In the default mode every call is its own PutRecordBatch, which moto stores as its own S3
-# object: fewer of them keep the suite fast, the mechanism is the same.
+# In the default mode every call waits for its own PutRecordBatch, which moto answers in about
+# 7 ms and stores as its own S3 object: 4 x 5,000 of them take about five minutes per case, so
+# `make test` runs that mode with 50 per worker (same mechanism) and `make test-full`
+# (pytest --full-counts) runs every mode with 5,000.
 METRICS_PER_WORKER = {"default": 50, "async": 5000, "buffered": 5000}
+FULL_COUNT = 5000
 ERRORS_PER_WORKER = 5
 WORKERS = 4
 
@@ -53,7 +56,7 @@ def global_client(landing: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cal
     dxtrack.close(timeout=10)
 
 
-def run_style(style: str, ctx: Any, jobs: List[tuple]) -> List[int]:
+def run_style(style: str, ctx: Any, jobs: List[tuple], join_timeout: float = 60) -> List[int]:
     if style == "pool-with":
         with ctx.Pool(WORKERS) as pool:
             return pool.map(mp_jobs.emit, jobs, chunksize=1)
@@ -71,7 +74,7 @@ def run_style(style: str, ctx: Any, jobs: List[tuple]) -> List[int]:
     for process in processes:
         process.start()
     for process in processes:
-        process.join(60)
+        process.join(join_timeout)
         assert process.exitcode == 0
     return [metrics + errors for _, metrics, errors in jobs]
 
@@ -92,14 +95,15 @@ class TestPoolsDeliverExactlyOnce:
     @pytest.mark.parametrize("start_method", START_METHODS)
     def test_workers_records_land_once(
         self, landing: Any, global_client: Callable[..., None], start_method: str, style: str,
-        mode: str,
+        mode: str, request: pytest.FixtureRequest,
     ) -> None:
         global_client(**MODES[mode])
-        metrics = METRICS_PER_WORKER[mode]
+        full = request.config.getoption("full_counts")
+        metrics = FULL_COUNT if full else METRICS_PER_WORKER[mode]
         jobs = [(worker, metrics, ERRORS_PER_WORKER) for worker in range(WORKERS)]
         ctx = multiprocessing.get_context(start_method)
 
-        emitted = run_style(style, ctx, jobs)
+        emitted = run_style(style, ctx, jobs, join_timeout=900 if full else 60)
 
         assert sum(emitted) == WORKERS * (metrics + ERRORS_PER_WORKER)
         assert_exactly_once(landing, WORKERS * metrics, WORKERS * ERRORS_PER_WORKER)
@@ -143,6 +147,22 @@ class TestTerminatedWorkers:
         finally:
             lock.release()
         assert_exactly_once(landing, 3 * 200, 0)
+
+    @pytest.mark.parametrize("start_method", START_METHODS)
+    def test_sigterm_the_main_thread_never_acts_on(
+        self, landing: Any, global_client: Callable[..., None], start_method: str
+    ) -> None:
+        """dxtrack's own thread flushes and ends the child within shutdown_timeout + 1 s."""
+        global_client(buffer_metrics=True, flush_interval=3600, shutdown_timeout=2)
+        ctx = multiprocessing.get_context(start_method)
+        ready = ctx.Event()
+        child = ctx.Process(target=mp_jobs.emit_then_miss_sigterm, args=(ready, 300))
+        child.start()
+        assert ready.wait(30)
+        child.terminate()
+        child.join(30)  # the child would sleep 120 s without dxtrack's watcher
+        assert child.exitcode == 143
+        assert_exactly_once(landing, 300, 0)
 
 
 class TestForkKeepsParentAndChildApart:

@@ -14,7 +14,7 @@ after a fork: a client, and its connection pool, is never shared across one.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import boto3
 import botocore.config
@@ -25,7 +25,7 @@ from ..config import DEFAULT_REGION, Config
 from .base import DELIVERED, SendResult
 from .packing import MAX_CALL_BYTES, MAX_CALL_RECORDS, MAX_RECORD_BYTES, Record, plan_calls
 
-__all__ = ["FirehoseSink"]
+__all__ = ["Connection", "FirehoseSink", "connect"]
 
 #: Error codes that say "try again later".
 RETRYABLE_CODES = frozenset({
@@ -58,6 +58,56 @@ CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 15.0
 
 
+class Connection(NamedTuple):
+    """What :func:`connect` builds for one configuration."""
+
+    session: boto3.session.Session
+    #: The Firehose client, with dxtrack's timeouts and no retries of botocore's own.
+    client: Any
+    #: The region the client talks to.
+    region: str
+
+
+def connect(config: Config) -> Connection:
+    """The boto3 session and Firehose client that ``config`` asks for.
+
+    Credentials: explicit keys first, then ``profile_name``, then boto3's
+    default chain (environment, config files, roles). Region: ``region_name``,
+    else the session's, else :data:`~dxtrack.config.DEFAULT_REGION`. The sink
+    sends with this client and ``dxtrack check`` inspects the same one, so the
+    check sees what delivery will use. Nothing is sent (botocore does resolve
+    the credentials while it builds the client).
+
+    :raises botocore.exceptions.BotoCoreError: for a profile that does not
+        exist, for example.
+    """
+    if config.aws_access_key_id:
+        session = boto3.session.Session(
+            aws_access_key_id=config.aws_access_key_id,
+            aws_secret_access_key=config.aws_secret_access_key,
+            aws_session_token=config.aws_session_token,
+            region_name=config.region_name,
+        )
+    else:
+        session = boto3.session.Session(
+            profile_name=config.profile_name, region_name=config.region_name
+        )
+    region = session.region_name or DEFAULT_REGION
+    client = session.client(
+        "firehose",
+        region_name=region,
+        endpoint_url=config.endpoint_url,
+        config=botocore.config.Config(
+            connect_timeout=CONNECT_TIMEOUT,
+            read_timeout=READ_TIMEOUT,
+            max_pool_connections=2,
+            retries={"mode": "standard", "total_max_attempts": 1},
+            user_agent_extra=f"dxtrack/{__version__}",
+        ),
+    )
+    return Connection(session, client, region)
+
+
 class FirehoseSink:
     """Sends lines to the stage's two delivery streams."""
 
@@ -83,31 +133,9 @@ class FirehoseSink:
     def client(self) -> Any:
         """The boto3 Firehose client of this process, created on first use."""
         if self._client is None or self._client_pid != os.getpid():
-            c = self.config
-            if c.aws_access_key_id:
-                session = boto3.session.Session(
-                    aws_access_key_id=c.aws_access_key_id,
-                    aws_secret_access_key=c.aws_secret_access_key,
-                    aws_session_token=c.aws_session_token,
-                    region_name=c.region_name,
-                )
-            else:
-                session = boto3.session.Session(
-                    profile_name=c.profile_name, region_name=c.region_name
-                )
-            self.region = session.region_name or DEFAULT_REGION
-            self._client = session.client(
-                "firehose",
-                region_name=self.region,
-                endpoint_url=c.endpoint_url,
-                config=botocore.config.Config(
-                    connect_timeout=CONNECT_TIMEOUT,
-                    read_timeout=READ_TIMEOUT,
-                    max_pool_connections=2,
-                    retries={"mode": "standard", "total_max_attempts": 1},
-                    user_agent_extra=f"dxtrack/{__version__}",
-                ),
-            )
+            connection = connect(self.config)
+            self.region = connection.region
+            self._client = connection.client
             self._client_pid = os.getpid()
         return self._client
 

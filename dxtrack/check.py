@@ -1,0 +1,137 @@
+"""What ``dxtrack check`` checks: the output directory, or credentials and delivery streams.
+
+Each check reports one line through a :class:`Report`; the command line
+(:mod:`dxtrack.cli`) decides the exit status from its counts.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+from .config import Config
+from .env import variable_for
+
+__all__ = ["Report", "check_aws", "check_output", "checks"]
+
+
+class Report:
+    """The lines of ``dxtrack check``, one per check, on standard output."""
+
+    def __init__(self) -> None:
+        self.passed = 0
+        self.failed = 0
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+
+    def ok(self, label: str, detail: str) -> None:
+        self.passed += 1
+        self.say(f"{label}: ok ({detail})")
+
+    def fail(self, label: str, reason: str) -> None:
+        self.failed += 1
+        self.say(f"{label}: FAILED: {reason}")
+
+    def skip(self, label: str, why: str) -> None:
+        self.say(f"{label}: skipped ({why})")
+
+
+def checks(count: int) -> str:
+    return f"{count} check" if count == 1 else f"{count} checks"
+
+
+def check_output(config: Config, report: Report) -> None:
+    if config.test_output == "print":
+        report.ok("output", "records are printed on standard output")
+        return
+    directory = os.path.abspath(os.fspath(config.output_dir))
+    label = f"output directory {directory}"
+    advice = f"set {variable_for('output_dir')} to a directory you can write to"
+    existing = directory  # created on the first record: look at what is there now
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        report.fail(label, f"{existing} is not a directory; {advice}")
+        return
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+        for stream in ("metric", "error"):
+            path = os.path.join(directory, f"{stream}.jsonl")
+            if os.path.exists(path):
+                with open(path, "ab"):  # appending nothing changes nothing
+                    pass
+    except OSError as exc:
+        report.fail(label, f"cannot write there: {exc}; {advice}")
+        return
+    if existing == directory:
+        report.ok(label, "writable")
+    else:
+        report.ok(label, f"not there yet; it will be created in {existing}, which is writable")
+
+
+def check_aws(config: Config, report: Report) -> None:
+    import botocore.exceptions
+
+    from .sinks.firehose import connect
+
+    streams = {kind: f"{kind} stream {config.stream_name(kind)!r}" for kind in ("metric", "error")}
+    endpoint = f"endpoint {config.endpoint_url}" if config.endpoint_url else "AWS's endpoint"
+    try:
+        connection = connect(config)  # what the library sends with; it resolves credentials
+    except botocore.exceptions.BotoCoreError as exc:  # a missing profile, a broken chain
+        report.say(f"dxtrack check: stage {config.stage!r}, {endpoint}")
+        report.fail("credentials", f"{type(exc).__name__}: {exc}; check --profile, "
+                    "DXTRACK_PROFILE_NAME, AWS_PROFILE and the AWS config files")
+        for label in streams.values():
+            report.skip(label, "needs credentials")
+        return
+    where = f"in region {connection.region!r}"
+    report.say(f"dxtrack check: stage {config.stage!r}, region {connection.region!r}, {endpoint}")
+    credentials = connection.session.get_credentials()
+    if credentials is None:
+        report.fail("credentials", "none found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                    "or name a profile with --profile, DXTRACK_PROFILE_NAME or AWS_PROFILE, "
+                    "or run where an instance or task role is available")
+        for label in streams.values():
+            report.skip(label, "needs credentials")
+        return
+    report.ok("credentials", f"found by boto3: {credentials.method}")
+    for kind, label in streams.items():
+        name = config.stream_name(kind)
+        try:
+            answer = connection.client.describe_delivery_stream(DeliveryStreamName=name)
+        except botocore.exceptions.ClientError as exc:
+            report.fail(label, _stream_problem(exc, kind, where))
+            continue
+        except botocore.exceptions.BotoCoreError as exc:  # unreachable, timed out
+            report.fail(label, f"cannot reach Firehose {where} at {endpoint} "
+                        f"({type(exc).__name__}: {exc}); check the network, --region and "
+                        "--endpoint-url")
+            continue
+        description = answer["DeliveryStreamDescription"]
+        status = description.get("DeliveryStreamStatus")
+        if status != "ACTIVE":
+            report.fail(label, f"is {status} {where}, not ACTIVE: records are accepted only "
+                        "by an ACTIVE stream; look at it in the Firehose console")
+        elif description.get("DeliveryStreamType") == "KinesisStreamAsSource":
+            report.fail(label, f"reads from a Kinesis data stream {where}; dxtrack puts records "
+                        "itself and needs a Direct PUT stream")
+        else:
+            report.ok(label, f"ACTIVE {where}")
+
+
+def _stream_problem(exc: Any, kind: str, where: str) -> str:
+    from .sinks.firehose import ADVICE
+
+    code = exc.response.get("Error", {}).get("Code", "")
+    if code == "ResourceNotFoundException":
+        return (f"does not exist {where} for these credentials' account; create it, or name "
+                f"yours with {variable_for(kind + '_stream')}, or check --region")
+    if code == "AccessDeniedException":
+        return (f"these credentials may not call firehose:DescribeDeliveryStream on it {where}; "
+                "dxtrack itself needs only firehose:PutRecordBatch, which --send-test tries")
+    advice = ADVICE.get(code, "")
+    return f"DescribeDeliveryStream {where} failed: {exc}" + (f"; {advice}" if advice else "")

@@ -1,0 +1,350 @@
+"""The ``dxtrack`` command: a metric from a shell job, a check of the set-up, the demo.
+
+::
+
+    dxtrack metric NAME VALUE [--meta KEY=VALUE ...]   record one metric, wait for delivery
+    dxtrack check [--send-test]                         credentials and delivery streams
+    dxtrack demo [demo options]                         the end-to-end demo
+
+Settings a subcommand does not take as flags come from the ``DXTRACK_<OPTION>``
+variables that ``configure()`` reads (:mod:`dxtrack.env`); AWS credentials
+come from boto3's usual chain, never from a flag. Exit status: 0 on success,
+1 for a failed check or a metric not delivered, 2 for bad usage (bad settings
+included). A problem is reported in one line on standard error, never as a
+traceback; dxtrack's own log lines stay visible there too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
+
+from ._version import __version__
+from .check import Report, check_aws, check_output, checks
+from .config import DEFAULT_REGION, STAGES, Config, settings_from_kwargs
+from .env import variable_for
+from .exceptions import ConfigurationError
+
+__all__ = ["main"]
+
+PROG = "dxtrack"
+#: The metric ``dxtrack check --send-test`` records.
+CHECK_METRIC = "dxtrack.check"
+#: configure() options the subcommands take as flags, and their flags.
+FLAGS = {
+    "stage": "--stage", "context": "--context", "run_id": "--run-id",
+    "region_name": "--region", "endpoint_url": "--endpoint-url", "profile_name": "--profile",
+}
+#: The default delivery mode, whatever the environment says: each record is waited for.
+SYNCHRONOUS = {"use_async_requests": False, "buffer_metrics": False}
+
+_Raw = argparse.RawDescriptionHelpFormatter
+
+_META_HELP = """\
+Each --meta value is typed:
+  a JSON number, true, false or null keeps that type   pages=12 ratio=0.5 dry_run=true
+  a JSON string in double quotes is the text inside    build='"42"' gives the text 42
+  anything else is kept as text                        shop=example zip=007
+A key given twice takes its last value.
+"""
+
+_METRIC_EXAMPLES = """\
+examples:
+  export DXTRACK_STAGE=prod DXTRACK_CONTEXT=nightly-export DXTRACK_RUN_ID="$(date -u +%FT%TZ)"
+  dxtrack metric export.rows 120345 --meta table=orders --meta dry_run=false
+  dxtrack metric backup.seconds "$SECONDS" --stage dev --context backup --run-id "$RUN_ID"
+"""
+
+
+class UsageError(Exception):
+    """Bad usage or bad settings: one line on standard error, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, reporting bad usage in one line instead of the usage text and a line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# -- the command line ------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``dxtrack`` and its subcommands."""
+    parser = _Parser(
+        prog=PROG, formatter_class=_Raw,
+        description="Record metrics from shell jobs and check a dxtrack set-up.",
+        epilog="Settings not given as flags come from the DXTRACK_<OPTION> variables that\n"
+               "configure() reads; AWS credentials from boto3's usual chain.\n"
+               "exit status: 0 ok, 1 a failed check or a metric not delivered, 2 bad usage",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+
+    metric = commands.add_parser(
+        "metric", formatter_class=_Raw, help="record one metric and wait until it is delivered",
+        description="Record one metric in the default (synchronous) mode, wait until it is\n"
+                    "delivered, then exit: 0 once it is, 1 if it is not. The wait is at most\n"
+                    "sync_timeout + shutdown_timeout seconds (10 + 5 unless DXTRACK_SYNC_TIMEOUT\n"
+                    "or DXTRACK_SHUTDOWN_TIMEOUT say otherwise).",
+        epilog=_META_HELP + "\n" + _METRIC_EXAMPLES,
+    )
+    metric.add_argument("name", metavar="NAME", help="metric name, dotted by convention")
+    metric.add_argument("value", metavar="VALUE", type=_number,
+                        help="a finite number (use '--' before a value such as -1e3)")
+    metric.add_argument("--meta", metavar="KEY=VALUE", action="append", type=_meta_item,
+                        default=[], help="metadata of the record; repeatable (typed as below)")
+    _add_settings(metric, send_test=False)
+
+    check = commands.add_parser(
+        "check", formatter_class=_Raw,
+        help="check credentials and delivery streams (stage test: the output directory)",
+        description="Check that AWS credentials resolve and that both delivery streams exist\n"
+                    "and are ACTIVE, with the client dxtrack itself sends with (stage test: that\n"
+                    "the output directory is writable). One line per check; exit 1 if any failed.",
+    )
+    check.add_argument("--send-test", action="store_true",
+                       help=f"also record one metric {CHECK_METRIC!r} and wait for its delivery")
+    _add_settings(check, send_test=True)
+
+    commands.add_parser(
+        "demo", add_help=False,  # every argument, --help included, goes to the demo itself
+        help="run the end-to-end demo (stage dev needs moto); 'dxtrack demo --help' for its "
+             "options",
+    )
+    return parser
+
+
+def _add_settings(parser: argparse.ArgumentParser, *, send_test: bool) -> None:
+    group = parser.add_argument_group(
+        "settings",
+        "A flag left out comes from its variable (in brackets), as every other option of\n"
+        "configure() comes from DXTRACK_<OPTION>. AWS credentials come from boto3's chain:\n"
+        "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, the AWS files or a role.",
+    )
+    group.add_argument("--stage", choices=STAGES, help="required [DXTRACK_STAGE]")
+    if send_test:
+        context = "job name in the --send-test record [DXTRACK_CONTEXT, else dxtrack-check]"
+        run_id = "run id in the --send-test record [DXTRACK_RUN_ID, else the UTC time]"
+    else:
+        context = "name of the job, in every record; required [DXTRACK_CONTEXT]"
+        run_id = "this run of the job, in every record; required [DXTRACK_RUN_ID]"
+    group.add_argument("--context", metavar="NAME", help=context)
+    group.add_argument("--run-id", dest="run_id", metavar="ID", help=run_id)
+    group.add_argument("--region", dest="region_name", metavar="REGION",
+                       help=f"AWS region [DXTRACK_REGION_NAME, else the AWS configuration's, "
+                            f"else {DEFAULT_REGION}]")
+    group.add_argument("--endpoint-url", metavar="URL",
+                       help="another Firehose endpoint: a VPC endpoint, LocalStack, moto "
+                            "[DXTRACK_ENDPOINT_URL]")
+    group.add_argument("--profile", dest="profile_name", metavar="NAME",
+                       help="AWS profile [DXTRACK_PROFILE_NAME, else AWS_PROFILE]")
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _meta_item(text: str) -> Tuple[str, Any]:
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, typed_value(value)
+
+
+def typed_value(text: str) -> Any:
+    """A ``--meta`` value: JSON numbers, ``true``, ``false``, ``null`` and
+    double-quoted strings are decoded; anything else is kept as text.
+
+    Numbers that would not survive the trip (``1e400``, integers beyond 64
+    bits) and JSON arrays and objects are kept as text too.
+    """
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except ValueError:
+        return text
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int) and -(2**63) <= value < 2**63:
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    return text
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")  # NaN and Infinity stay text
+
+
+# -- settings ---------------------------------------------------------------------------
+
+
+def _given(args: argparse.Namespace, *, required: Sequence[str]) -> Dict[str, Any]:
+    """The options given as flags; bad usage if a ``required`` one is set nowhere."""
+    given = {option: getattr(args, option) for option in FLAGS}
+    given = {option: value for option, value in given.items() if value is not None}
+    missing = [o for o in required if o not in given and not os.environ.get(variable_for(o))]
+    if missing:
+        needs = ", ".join(f"{FLAGS[o]} (or {variable_for(o)})" for o in missing)
+        raise UsageError(f"{args.command} needs {needs}")
+    return given
+
+
+def _config(options: Dict[str, Any]) -> Config:
+    """The settings ``configure(**options)`` would use; bad ones are bad usage."""
+    try:
+        return settings_from_kwargs(dict(options), os.environ)
+    except ConfigurationError as exc:
+        flag = FLAGS.get(exc.option or "")
+        if flag and exc.option in options:
+            raise UsageError(f"{flag}: {exc}") from None
+        raise UsageError(str(exc)) from None
+
+
+def _destination(config: Config, sink: Any) -> str:
+    if config.stage == "test":
+        if config.test_output == "print":
+            return "standard output"
+        return os.path.join(os.path.abspath(os.fspath(config.output_dir)), "metric.jsonl")
+    region = getattr(sink, "region", None) or config.region_name or DEFAULT_REGION
+    return f"delivery stream {config.stream_name('metric')!r} in region {region!r}"
+
+
+def _send_one(
+    options: Dict[str, Any], name: str, value: float, metadata: Dict[str, Any]
+) -> Tuple[str, Optional[str]]:
+    """Record one metric through a client of its own and wait for it.
+
+    Returns where it went and, unless it was delivered, why not (one line).
+    """
+    from .client import DXTrack
+
+    client = DXTrack()
+    config = client.configure(**options)
+    sink = client.sink
+    try:
+        client.metric(name, value, metadata=metadata)
+    except (TypeError, ValueError) as exc:  # a name or metadata the record builder refuses
+        client.close(timeout=0.0)
+        raise UsageError(str(exc)) from None
+    delivered = client.flush_metrics_buffer(timeout=config.shutdown_timeout)
+    where = _destination(config, sink)  # after sending: the sink knows its region by now
+    client.close(timeout=0.0)  # the flush has waited already
+    if delivered:
+        return where, None
+    stats = client.stats()
+    if stats["failed"]:
+        what = "could not be delivered"
+    elif stats["pending"]:
+        waited = config.sync_timeout + config.shutdown_timeout
+        what = f"was not delivered within {waited:g} s"
+    else:
+        what = "was not delivered"
+    return where, f"metric {name!r} {what} to {where}; see dxtrack's messages above"
+
+
+# -- the subcommands --------------------------------------------------------------------
+
+
+def _metric(args: argparse.Namespace) -> int:
+    options = {**_given(args, required=("stage", "context", "run_id")), **SYNCHRONOUS}
+    _config(options)  # bad usage, found before anything starts
+    _, problem = _send_one(options, args.name, args.value, dict(args.meta))
+    if problem:
+        _error(problem)
+        return 1
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    options = {**_given(args, required=("stage",)), **SYNCHRONOUS}
+    defaults = {"context": "dxtrack-check", "run_id": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                    time.gmtime())}
+    for option, default in defaults.items():  # used only by the --send-test record
+        if option not in options and not os.environ.get(variable_for(option)):
+            options[option] = default
+    config = _config(options)
+    report = Report()
+    if config.stage == "test":
+        report.say("dxtrack check: stage 'test' writes local files; nothing in AWS is involved")
+        check_output(config, report)
+    else:
+        check_aws(config, report)
+    if args.send_test:
+        if report.failed:
+            report.skip("test record", "an earlier check failed")
+        else:
+            where, problem = _send_one(options, CHECK_METRIC, 1.0, {"source": "dxtrack check"})
+            if problem:
+                report.fail("test record", problem)
+            else:
+                report.ok("test record", f"metric {CHECK_METRIC!r} delivered to {where}")
+    if report.failed:
+        _error(f"{report.failed} of {checks(report.passed + report.failed)} failed")
+        return 1
+    report.say(f"{checks(report.passed)} passed")
+    return 0
+
+
+def _demo(argv: List[str]) -> int:
+    if not {"-h", "--help"} & set(argv) and _demo_stage(argv) != "test":
+        try:
+            importlib.import_module("moto.server")
+        except ImportError:
+            _error("the demo needs moto: pip install 'dxtrack[demo]' (or run it with "
+                   "--stage test, which writes local files)")
+            return 1
+    from . import demo
+
+    return demo.main(argv, prog=f"{PROG} demo")
+
+
+def _demo_stage(argv: List[str]) -> str:
+    parser = _Parser(prog=f"{PROG} demo", add_help=False)
+    parser.add_argument("--stage", default="dev")
+    known, _ = parser.parse_known_args(argv)
+    return str(known.stage)
+
+
+# -- main -------------------------------------------------------------------------------
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``dxtrack`` command; returns its exit status."""
+    # The command owns its process, so it may configure logging: dxtrack's warnings on stderr.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args, rest = build_parser().parse_known_args(arguments)
+        if args.command == "demo":
+            return _demo(rest)
+        if args.command is None:
+            raise UsageError(f"a command is required: metric, check or demo (see '{PROG} --help')")
+        if rest:
+            raise UsageError(f"unrecognized arguments: {' '.join(rest)} "
+                             f"(see '{PROG} {args.command} --help')")
+        return _metric(args) if args.command == "metric" else _check(args)
+    except UsageError as exc:
+        _error(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
