@@ -103,11 +103,12 @@ class DXTrack:
             dict(stage=stage, context=context, run_id=run_id, **options), os.environ
         )
         for variable in sorted(unknown_variables()):
-            self._log.warning(
-                f"unknown-variable:{variable}",
-                "dxtrack: the environment variable %s names no dxtrack option; it is ignored",
-                variable,
-            )
+            if variable.startswith("DXTRACK_AWS_") or variable == "DXTRACK_SINK":
+                message = ("dxtrack: %s is ignored: credentials and sinks are never read from "
+                           "DXTRACK_* variables (boto3 reads AWS_ACCESS_KEY_ID and friends)")
+            else:
+                message = "dxtrack: the environment variable %s names no dxtrack option; ignored"
+            self._log.warning(f"unknown-variable:{variable}", message, variable)
         return self._use(config, publish=self._inherit)
 
     def _use(self, config: Config, publish: bool) -> Config:
@@ -187,6 +188,18 @@ class DXTrack:
         Never raises: it is meant for ``except`` blocks, where an exception of
         its own would hide the application's. Problems are logged instead.
         """
+        self._error(metadata, exception, wait=True)
+
+    def _error(
+        self, metadata: Optional[Mapping[str, Any]], exception: Optional[BaseException],
+        wait: bool,
+    ) -> None:
+        """``error()``; ``wait=False`` never waits for delivery, whatever the mode.
+
+        The logging handler and the excepthooks use that: a logging call must
+        not hold the handler's lock for ``sync_timeout``, and a traceback must
+        not wait for the network before it is printed.
+        """
         try:
             exc = exception if exception is not None else sys.exc_info()[1]
             if exc is None:
@@ -215,7 +228,7 @@ class DXTrack:
                     "error-metadata", "dxtrack.error(): %s; recorded without it", bad_metadata
                 )
                 body = builder.error(exc, None)
-            self._put_errors(pipeline, [body])
+            self._put_errors(pipeline, [body], wait)
         except Exception:
             logger.exception("dxtrack.error() could not record the error")
 
@@ -241,8 +254,8 @@ class DXTrack:
         builder, pipeline = state
         self._put_errors(pipeline, [builder.error(exc, metadata) for exc in items])
 
-    def _put_errors(self, pipeline: Pipeline, bodies: List[bytes]) -> None:
-        results = pipeline.put_errors(bodies)
+    def _put_errors(self, pipeline: Pipeline, bodies: List[bytes], wait: bool = True) -> None:
+        results = pipeline.put_errors(bodies, wait)
         if DROPPED in results:
             self._after_refusal(ERROR, DROPPED, [])
         closed = [body for body, result in zip(bodies, results) if result == CLOSED]

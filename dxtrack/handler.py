@@ -12,7 +12,13 @@ Code that already logs its failures needs no change beyond one line::
 Only records at the handler's level (ERROR by default) or above that carry
 exception information become error records; the logger's name, the level and
 the formatted message go into the record's metadata. Everything else passes
-by untouched, and dxtrack's own log lines never loop back into it.
+by untouched, and dxtrack's own log lines never loop back into it: they are
+filtered out before the handler's lock is taken, so the worker thread logging
+a delivery problem never waits for a thread that is inside the handler.
+
+The handler never waits for delivery, whatever the client's mode: a logging
+call returns as soon as the record is queued (it is sent by the worker, and
+at the latest by the exit flush).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ class DXTrackHandler(logging.Handler):
         super().__init__(level)
         self._client = client
         self._inside = threading.local()
+        self.addFilter(_reportable)  # filters run before Handler.handle takes the lock
 
     @property
     def client(self) -> DXTrack:
@@ -53,19 +60,16 @@ class DXTrackHandler(logging.Handler):
         exc_info = record.exc_info
         if not exc_info or exc_info[1] is None:
             return
-        name = record.name
-        if name == _OWN_LOGGER or name.startswith(_OWN_LOGGER + "."):
-            return  # dxtrack reporting on itself must not become a record, or a loop
         if getattr(self._inside, "active", False):
             return  # a handler further down logged while we were recording
         self._inside.active = True
         try:
             metadata: Dict[str, Any] = {
-                "logger": name,
+                "logger": record.name,
                 "level": record.levelname,
                 "message": record.getMessage(),
             }
-            self.client.error(metadata=metadata, exception=exc_info[1])
+            self.client._error(metadata, exc_info[1], wait=False)
         except Exception:
             self.handleError(record)
         finally:
@@ -73,3 +77,12 @@ class DXTrackHandler(logging.Handler):
 
     def __repr__(self) -> str:
         return f"<DXTrackHandler ({logging.getLevelName(self.level)})>"
+
+
+def _reportable(record: logging.LogRecord) -> bool:
+    """A record with an exception, from any logger but dxtrack's own (a loop, or a stall)."""
+    name = record.name
+    if name == _OWN_LOGGER or name.startswith(_OWN_LOGGER + "."):
+        return False
+    exc_info = record.exc_info
+    return bool(exc_info) and exc_info[1] is not None  # type: ignore[index]

@@ -2,17 +2,21 @@
 
 :class:`UnhandledCapture` chains :data:`sys.excepthook` (the main thread) and
 :func:`threading.excepthook` (other threads). For each uncaught exception it
-records an error with the traceback, lets the hook that was there before run
-(so what the program prints is unchanged), then flushes within the client's
-``shutdown_timeout``, since the process or thread is about to end.
+queues an error record with the traceback, without waiting for delivery, then
+lets the hook that was there before run, so what the program prints is
+unchanged and printed at once. A thread's record is then flushed within the
+client's ``shutdown_timeout``, since the thread is about to end; the main
+thread's goes out with the exit flush, which runs next, within the same bound.
 
 ``KeyboardInterrupt`` is not recorded (a person stopped the job), nor is
 ``SystemExit`` in a thread (Python ignores it there too).
 
-Uninstalling puts the previous hooks back when ours are still the ones in
-place. When something chained itself on top of ours meanwhile, ours stay in
-its chain but only pass the call through: taking them out would break the
-other hook's chain.
+Each install puts a link in front of the current hook. Uninstalling takes the
+link out when it is still the hook in place; when something chained itself on
+top meanwhile, the link stays in that chain and only passes calls on (taking
+it out would break the other hook's chain). Capturing again later adds a new
+link in front if the old one is not in place; an exception that passes
+through two links of one client is recorded once.
 """
 
 from __future__ import annotations
@@ -28,9 +32,6 @@ if TYPE_CHECKING:
 
 __all__ = ["UnhandledCapture"]
 
-_SysHook = Callable[["type[BaseException]", BaseException, "Optional[TracebackType]"], Any]
-_ThreadHook = Callable[[Any], Any]
-
 
 class UnhandledCapture:
     """The excepthooks of one client; :meth:`install` and :meth:`uninstall` toggle them."""
@@ -38,79 +39,95 @@ class UnhandledCapture:
     def __init__(self, client: DXTrack) -> None:
         self._client = client
         self.active = False
-        self._previous_sys: Optional[_SysHook] = None
-        self._previous_thread: Optional[_ThreadHook] = None
+        self._sys_link: Optional[_SysLink] = None
+        self._thread_link: Optional[_ThreadLink] = None
+        self._handling = threading.local()  # the exception a link of ours is passing on
 
     def install(self) -> None:
         if self.active:
             return
         self.active = True
-        # Already in a chain from an earlier install (someone chained on top): just reactivate.
-        if self._previous_sys is None:
-            self._previous_sys = sys.excepthook
-            sys.excepthook = self._sys_hook
-        if self._previous_thread is None:
-            self._previous_thread = threading.excepthook
-            threading.excepthook = self._thread_hook
+        if sys.excepthook is not self._sys_link:
+            self._sys_link = _SysLink(self, sys.excepthook)
+            sys.excepthook = self._sys_link
+        if threading.excepthook is not self._thread_link:
+            self._thread_link = _ThreadLink(self, threading.excepthook)
+            threading.excepthook = self._thread_link
 
     def uninstall(self) -> None:
         if not self.active:
             return
         self.active = False
-        if sys.excepthook == self._sys_hook:
-            sys.excepthook = self._previous_sys  # type: ignore[assignment]
-            self._previous_sys = None
-        if threading.excepthook == self._thread_hook:
-            threading.excepthook = self._previous_thread  # type: ignore[assignment]
-            self._previous_thread = None
+        if self._sys_link is not None and sys.excepthook is self._sys_link:
+            sys.excepthook = self._sys_link.previous
+            self._sys_link = None
+        if self._thread_link is not None and threading.excepthook is self._thread_link:
+            threading.excepthook = self._thread_link.previous
+            self._thread_link = None
 
-    # -- the hooks ---------------------------------------------------------------
-    def _sys_hook(
-        self,
-        exc_type: type[BaseException],
-        exc: BaseException,
-        tb: Optional[TracebackType],
-    ) -> None:
-        recorded = False
-        try:
-            if self.active and not issubclass(exc_type, KeyboardInterrupt):
-                recorded = self._record(exc, threading.current_thread().name)
-        finally:
-            previous = self._previous_sys or sys.__excepthook__
-            try:
-                previous(exc_type, exc, tb)
-            finally:
-                if recorded:
-                    self._flush()
-
-    def _thread_hook(self, args: Any) -> None:
-        recorded = False
-        try:
-            if (
-                self.active
-                and args.exc_value is not None
-                and not issubclass(args.exc_type, (KeyboardInterrupt, SystemExit))
-            ):
-                thread = args.thread
-                name = thread.name if thread is not None else "unknown thread"
-                recorded = self._record(args.exc_value, name)
-        finally:
-            previous = self._previous_thread or threading.__excepthook__
-            try:
-                previous(args)
-            finally:
-                if recorded:
-                    self._flush()
-
-    def _record(self, exc: BaseException, thread: str) -> bool:
+    def record(self, exc: BaseException, thread: str) -> bool:
+        """Queue ``exc`` unless this capture is off or already passing it on; True if queued."""
+        if not self.active or getattr(self._handling, "exception", None) is exc:
+            return False
         # error() never raises; it logs its own trouble.
-        self._client.error(metadata={"unhandled": True, "thread": thread}, exception=exc)
+        self._client._error({"unhandled": True, "thread": thread}, exc, wait=False)
         return True
 
-    def _flush(self) -> None:
-        client = self._client
-        config = client.config
+    def pass_on(self, exc: BaseException, call: Callable[[], Any]) -> None:
+        """Run the previous hook, marking ``exc`` as handled for links further down."""
+        outer = getattr(self._handling, "exception", None)
+        self._handling.exception = exc
         try:
-            client.flush_metrics_buffer(timeout=config.shutdown_timeout if config else 0.0)
-        except Exception:  # pragma: no cover - flush does not raise; the dying path must not
+            call()
+        finally:
+            self._handling.exception = outer
+
+    def flush(self) -> None:
+        config = self._client.config
+        try:
+            self._client.flush_metrics_buffer(config.shutdown_timeout if config else 0.0)
+        except Exception:  # pragma: no cover - flush does not raise; a dying thread must not
             pass
+
+
+class _SysLink:
+    """dxtrack's link in the ``sys.excepthook`` chain."""
+
+    def __init__(self, capture: UnhandledCapture, previous: Any) -> None:
+        self.capture = capture
+        self.previous = previous
+
+    def __call__(
+        self, exc_type: type[BaseException], exc: BaseException, tb: Optional[TracebackType]
+    ) -> None:
+        try:
+            if not issubclass(exc_type, KeyboardInterrupt):
+                self.capture.record(exc, threading.current_thread().name)
+        finally:
+            # The exit flush follows at once, within shutdown_timeout: no flush of our own.
+            previous = self.previous or sys.__excepthook__
+            self.capture.pass_on(exc, lambda: previous(exc_type, exc, tb))
+
+
+class _ThreadLink:
+    """dxtrack's link in the ``threading.excepthook`` chain."""
+
+    def __init__(self, capture: UnhandledCapture, previous: Any) -> None:
+        self.capture = capture
+        self.previous = previous
+
+    def __call__(self, args: Any) -> None:
+        recorded = False
+        exc = args.exc_value
+        try:
+            if exc is not None and not issubclass(args.exc_type, (KeyboardInterrupt, SystemExit)):
+                thread = args.thread
+                name = thread.name if thread is not None else "unknown thread"
+                recorded = self.capture.record(exc, name)
+        finally:
+            previous = self.previous or threading.__excepthook__
+            try:
+                self.capture.pass_on(exc, lambda: previous(args))
+            finally:
+                if recorded:
+                    self.capture.flush()  # the thread ends next; the process may not

@@ -74,8 +74,8 @@ class Pipeline:
             return False  # called back from the sink (a log handler, say): never wait on itself
         return self.buffer.wait_settled({stream: seq}, self.config.sync_timeout)
 
-    def put_errors(self, bodies: Sequence[bytes]) -> List[int]:
-        """Queue error bodies together, then wait once if the mode says so.
+    def put_errors(self, bodies: Sequence[bytes], wait: bool = True) -> List[int]:
+        """Queue error bodies together, then wait once if the mode (and ``wait``) says so.
 
         Returns what ``put`` returned for each body.
         """
@@ -84,7 +84,7 @@ class Pipeline:
         results = [put(ERROR, body, False) for body in bodies[:-1]]
         results.extend(put(ERROR, body, True) for body in bodies[-1:])
         last = max(results, default=0)
-        if last > 0 and self.error_waits:
+        if last > 0 and wait and self.error_waits:
             self.wait_for(ERROR, last)
         return results
 

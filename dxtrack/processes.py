@@ -21,12 +21,18 @@ What dxtrack does so that records survive ``multiprocessing``:
   the main thread runs again, and a pool worker's main thread can sleep
   forever in a C call that missed the signal (the signal landed between
   ``SemLock``'s non-blocking try and its blocking wait). So with the handler
-  dxtrack also points the signal module's wakeup file descriptor at a pipe
-  read by a small thread of its own: on SIGTERM that thread flushes every
-  pipeline itself, within the same bound, and ends the process when the bound
-  passes if the main thread has not ended it first. When the program already
-  uses the wakeup descriptor (asyncio's signal handling does), dxtrack keeps
-  out of it and relies on the handler alone.
+  dxtrack points the signal module's wakeup file descriptor at a pipe read by
+  a small thread of its own. When a SIGTERM arrives while dxtrack's handler is
+  still the one installed and the main thread has not run it within
+  :data:`MAIN_THREAD_GRACE`, that thread flushes every pipeline itself (within
+  ``shutdown_timeout``) and ends the process. It does nothing when the main
+  thread acted, when the program has installed a handler of its own since, or
+  when the program uses the wakeup descriptor itself (asyncio's signal
+  handling does). The pipe is a Unix datagram socket whose reader learns the
+  sending process from the kernel (``SO_PASSCRED``), so a signal to a forked
+  child, which shares the socket until its fork hook runs, is never taken for
+  one to this process; without ``SO_PASSCRED`` (outside Linux) there is no
+  watcher and the handler works alone.
 - **spawn and forkserver**: a child imports the program afresh, so the
   ready-made ``dxtrack`` client publishes its settings when it is configured
   (a private file named by the environment variable :data:`INHERIT_ENV`), and
@@ -40,11 +46,12 @@ import atexit
 import os
 import secrets
 import signal
+import socket
+import struct
 import sys
 import tempfile
 import threading
-import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import orjson
 
@@ -72,16 +79,72 @@ _finalizer_pid: Optional[int] = None  # the process whose exit finalizer is regi
 _handler_pid: Optional[int] = None    # the process whose SIGTERM handler was considered
 _prepare_lock = threading.Lock()
 _exiting = False
-_wakeup_fd: Optional[int] = None      # the write end dxtrack gave signal.set_wakeup_fd
+_wakeup: Optional[Tuple[socket.socket, socket.socket]] = None  # (reader, writer) of the watcher
+_inherited_wakeup: Optional[int] = None  # a parent's writer's descriptor, aimed at /dev/null
+_sigterm_seen = threading.Event()           # dxtrack's SIGTERM handler ran in this process
+
+#: Seconds the main thread has to run dxtrack's SIGTERM handler before dxtrack's own
+#: thread flushes and ends the process for it.
+MAIN_THREAD_GRACE = 1.0
 
 
 def _after_fork_in_child() -> None:
-    global _prepare_lock
+    global _prepare_lock, _sigterm_seen, _wakeup, _inherited_wakeup, _handler_across_fork
+    _handler_across_fork = None  # the child keeps the default until it installs its own
     _prepare_lock = threading.Lock()
+    _sigterm_seen = threading.Event()
+    if _wakeup is not None:
+        # The signal module still writes to the parent's socket: aim that descriptor at
+        # /dev/null, so this process's signals stop reaching the parent. (No logging here.)
+        reader, writer = _wakeup
+        _wakeup = None
+        try:
+            reader.close()
+            descriptor = writer.detach()  # the signal module still uses the number
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, descriptor)
+            os.close(null)
+            _inherited_wakeup = descriptor
+        except OSError:  # pragma: no cover - nothing better to do in a fork hook
+            pass
+
+
+_handler_across_fork: Any = None  # dxtrack's handler, set aside while a fork happens
+
+
+def _before_fork() -> None:
+    """Fork with SIGTERM at its default, then put dxtrack's handler back in the parent.
+
+    A signal that reaches a child between ``fork()`` and Python's own
+    after-fork bookkeeping is caught by an inherited Python handler and then
+    forgotten: a child terminated at once would sleep on. With the default
+    disposition it simply ends, as it would without dxtrack; a child that
+    records installs a handler of its own.
+    """
+    global _handler_across_fork
+    _handler_across_fork = None
+    try:
+        current = signal.getsignal(signal.SIGTERM)
+        if isinstance(current, _UnwindOnSigterm):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            _handler_across_fork = current
+    except ValueError:  # forking from a thread other than the main one: leave it
+        pass
+
+
+def _after_fork_in_parent() -> None:
+    global _handler_across_fork
+    if _handler_across_fork is not None:
+        signal.signal(signal.SIGTERM, _handler_across_fork)
+        _handler_across_fork = None
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
 
 
 def in_child_process() -> bool:
@@ -143,73 +206,103 @@ def block_signals_in_this_thread() -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
 
 
-def _install_sigterm_handler(grace: float, close_all: Callable[[], None]) -> None:
-    """Only from the main thread, the one place Python lets a handler be set."""
-    try:
-        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-            return  # the user's (or a framework's) handler: leave it alone
-    except ValueError:  # pragma: no cover - no SIGTERM on this platform
-        return
-    watched = _watch_for_sigterm(grace, close_all)
+class _UnwindOnSigterm:
+    """dxtrack's SIGTERM handler; a class, so a forked child knows an inherited one as ours."""
 
-    def unwind_on_sigterm(signum: int, frame: Any) -> None:
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        _sigterm_seen.set()
         if _exiting:
             return  # already flushing at exit: let it finish within its bound
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
-        if not watched:  # the watcher enforces the bound when there is one
-            watchdog = threading.Timer(grace, os._exit, args=(SIGTERM_STATUS,))
-            watchdog.daemon = True
-            watchdog.start()
+        watchdog = threading.Timer(self.grace, os._exit, args=(SIGTERM_STATUS,))
+        watchdog.daemon = True
+        watchdog.start()
         raise SystemExit(SIGTERM_STATUS)
 
-    signal.signal(signal.SIGTERM, unwind_on_sigterm)
 
-
-def _watch_for_sigterm(grace: float, close_all: Callable[[], None]) -> bool:
-    """Start the thread that acts on SIGTERM even when the main thread cannot.
-
-    Returns False, changing nothing, when the wakeup descriptor is someone
-    else's or cannot be set.
-    """
-    global _wakeup_fd
-    read_end, write_end = os.pipe()
-    os.set_blocking(write_end, False)  # the C signal handler must never block on it
+def _install_sigterm_handler(grace: float, close_all: Callable[[], None]) -> None:
+    """Only from the main thread, the one place Python lets a handler be set."""
     try:
-        previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        current = signal.getsignal(signal.SIGTERM)
+    except ValueError:  # pragma: no cover - no SIGTERM on this platform
+        return
+    if current is not signal.SIG_DFL and not isinstance(current, _UnwindOnSigterm):
+        return  # the user's (or a framework's) handler: leave it alone
+    handler = _UnwindOnSigterm(grace)
+    signal.signal(signal.SIGTERM, handler)
+    _watch_for_sigterm(handler, close_all)
+
+
+def _watch_for_sigterm(handler: _UnwindOnSigterm, close_all: Callable[[], None]) -> None:
+    """Start the thread that acts on SIGTERM when the main thread cannot.
+
+    Changes nothing when the wakeup descriptor is the program's, cannot be
+    set, or the platform cannot tell who wrote to it.
+    """
+    global _wakeup, _inherited_wakeup
+    if not hasattr(socket, "SO_PASSCRED"):
+        return
+    reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        writer.setblocking(False)  # the C signal handler must never block on it
+        previous: Optional[int] = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
     except (ValueError, OSError):
         previous = None
-    if previous is None or previous not in (-1, _wakeup_fd):
+    if previous is None or previous not in (-1, _inherited_wakeup):
         if previous is not None:
             signal.set_wakeup_fd(previous)  # in use by the program: give it back
-        os.close(read_end)
-        os.close(write_end)
-        return False
-    _wakeup_fd = write_end  # (one inherited from a parent process is simply replaced)
+        reader.close()
+        writer.close()
+        return
+    if previous == _inherited_wakeup and previous is not None:
+        os.close(previous)
+        _inherited_wakeup = None
+    _wakeup = (reader, writer)
     watcher = threading.Thread(
-        target=_end_on_sigterm, args=(read_end, grace, close_all),
-        name="dxtrack-sigterm", daemon=True,
+        target=_watch, args=(reader, handler, close_all), name="dxtrack-sigterm", daemon=True
     )
     watcher.start()
-    return True
 
 
-def _end_on_sigterm(read_end: int, grace: float, close_all: Callable[[], None]) -> None:
+_UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
+
+
+def _watch(
+    reader: socket.socket, handler: _UnwindOnSigterm, close_all: Callable[[], None]
+) -> None:
     block_signals_in_this_thread()
+    me = os.getpid()
     while True:
         try:
-            received = os.read(read_end, 512)
+            data, ancillary, _, _ = reader.recvmsg(64, socket.CMSG_SPACE(_UCRED.size))
         except InterruptedError:  # pragma: no cover - its signals are blocked
             continue
-        if not received:  # pragma: no cover - the write end is never closed
+        except OSError:  # pragma: no cover - the socket is gone
             return
-        if signal.SIGTERM in received:
-            break
-    deadline = time.monotonic() + grace
-    try:
-        close_all()  # the same bounded close the exit path runs; whoever is second waits
-    finally:
-        time.sleep(max(0.0, deadline - time.monotonic()))  # the main thread's chance to end
-        os._exit(SIGTERM_STATUS)
+        sender = None
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                sender = _UCRED.unpack(payload[: _UCRED.size])[0]
+        if sender != me:  # a forked child's signal, before its fork hook took the socket away
+            continue
+        if signal.SIGTERM in data and _main_thread_missed(handler):
+            try:
+                close_all()  # bounded by shutdown_timeout, like the exit path
+            finally:
+                os._exit(SIGTERM_STATUS)
+
+
+def _main_thread_missed(handler: _UnwindOnSigterm) -> bool:
+    """dxtrack's handler is due, and the main thread has not run it within the grace period."""
+    if signal.getsignal(signal.SIGTERM) is not handler:
+        return False  # the program's own handler now, or ours ran already (SIG_DFL)
+    if _sigterm_seen.wait(MAIN_THREAD_GRACE):
+        return False  # the main thread is unwinding; the handler's watchdog bounds it
+    return signal.getsignal(signal.SIGTERM) is handler and not _exiting
 
 
 def reserve_settings_path() -> None:

@@ -11,15 +11,20 @@
 Time comes from the client's monotonic clock, so a change of the wall clock
 never shows up as a negative or huge duration. The metric is recorded
 whether the block returns or raises (the time was spent either way) and the
-exception goes on unchanged.
+exception goes on unchanged; a metric that cannot be recorded when the block
+ends (metadata too large for a Firehose record, say) is reported on the
+``dxtrack`` logger, never raised over the block's own outcome.
+
+Start times live in a context variable, so blocks that overlap in threads or
+in asyncio tasks each measure their own time, even through one timer object.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
-import threading
-from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple, TypeVar, cast
 
 if TYPE_CHECKING:
     from .client import DXTrack
@@ -28,14 +33,21 @@ __all__ = ["Timer"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: Start times of the blocks open in this context, by timer (``id``), innermost last.
+_starts: contextvars.ContextVar[Dict[int, Tuple[float, ...]]] = contextvars.ContextVar(
+    "dxtrack_timer_starts"
+)
+
 
 class Timer:
     """A context manager and decorator recording elapsed seconds as metric ``name``.
 
-    One object may time nested, repeated and concurrent blocks (each thread
-    keeps its own start times); used as a decorator, each call is timed on
-    its own.
+    One object may time nested, repeated and concurrent blocks (threads and
+    asyncio tasks keep their own start times); used as a decorator, each call
+    is timed on its own.
     """
+
+    __slots__ = ("name", "metadata", "elapsed", "_client", "_clock")
 
     def __init__(
         self,
@@ -47,27 +59,39 @@ class Timer:
         # Bad arguments fail here, where they were given, not when the block ends.
         if not isinstance(name, str) or not name:
             raise ValueError(f"metric name must be a non-empty string, got {name!r}")
-        if metadata is not None and not isinstance(metadata, Mapping):
+        if metadata is not None and type(metadata) is not dict and not isinstance(
+            metadata, Mapping
+        ):
             raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
         self.name = name
-        self.metadata = metadata
+        self.metadata = None if metadata is None else dict(metadata)  # as it is now
         self._client = client
         self._clock = clock
-        self._local = threading.local()
         #: Seconds the last timed block took (``None`` until one ended).
         self.elapsed: Optional[float] = None
 
     def __enter__(self) -> Timer:
-        starts: Optional[List[float]] = getattr(self._local, "starts", None)
-        if starts is None:
-            starts = self._local.starts = []
-        starts.append(self._clock())
+        open_blocks = _starts.get({})
+        key = id(self)
+        _starts.set({**open_blocks, key: open_blocks.get(key, ()) + (self._clock(),)})
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        self._record(self._clock() - self._local.starts.pop())
+        now = self._clock()
+        open_blocks = dict(_starts.get())
+        key = id(self)
+        *outer, started = open_blocks.pop(key)
+        if outer:
+            open_blocks[key] = tuple(outer)
+        _starts.set(open_blocks)
+        self._record(now - started)
 
     def __call__(self, func: F) -> F:
+        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+            raise TypeError(
+                f"timer() cannot time the generator function {func.__qualname__}: calling it "
+                "returns at once; time the loop that consumes it instead"
+            )
         clock = self._clock
         record = self._record
         if inspect.iscoroutinefunction(func):
@@ -94,7 +118,13 @@ class Timer:
 
     def _record(self, seconds: float) -> None:
         self.elapsed = seconds
-        self._client.metric(self.name, seconds, self.metadata)
+        try:
+            self._client.metric(self.name, seconds, self.metadata)
+        except (TypeError, ValueError) as exc:
+            self._client._log.warning(
+                f"timer:{self.name}", "dxtrack.timer(%r) could not record its metric: %s",
+                self.name, exc,
+            )
 
     def __repr__(self) -> str:
         return f"Timer({self.name!r})"

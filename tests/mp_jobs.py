@@ -75,3 +75,58 @@ def emit_then_miss_sigterm(ready: Any, metrics: int) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     ready.set()
     time.sleep(120)
+
+
+def emit_then_drain_on_own_sigterm(ready: Any, metrics: int) -> None:
+    """Record, then install a SIGTERM handler of the program's own, which drains gracefully."""
+    import signal
+    import threading
+    import time
+
+    for i in range(metrics):
+        dxtrack.metric("mp.before", i)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    ready.set()
+    stop.wait(60)
+    time.sleep(0.5)  # draining takes a while
+    for i in range(metrics):  # the drain records too, after the signal
+        dxtrack.metric("mp.drained", i)
+
+
+def _sleep_long() -> None:
+    import time
+
+    time.sleep(60)
+
+
+def terminate_a_grandchild(metrics: int) -> None:
+    """Record, start and terminate a forked child of our own, then record some more."""
+    import multiprocessing
+    import time
+
+    for i in range(metrics):
+        dxtrack.metric("mp.before", i)
+    grandchild = multiprocessing.get_context("fork").Process(target=_sleep_long)
+    grandchild.start()
+    grandchild.terminate()
+    grandchild.join(30)
+    assert grandchild.exitcode is not None
+    time.sleep(1.5)  # working on, longer than dxtrack's grace for a main thread
+    for i in range(metrics):
+        dxtrack.metric("mp.after", i)
+
+
+def record_while_unwinding(ready: Any, metrics: int) -> None:
+    """Block; when SIGTERM unwinds us, record in a ``finally`` on the way out."""
+    import threading
+    import time
+
+    dxtrack.metric("mp.started", 1)
+    try:
+        ready.set()
+        threading.Event().wait(60)
+    finally:
+        time.sleep(0.05)
+        for i in range(metrics):
+            dxtrack.metric("mp.unwinding", i)

@@ -96,7 +96,7 @@ class TestDefaultsFromTheEnvironment:
         with caplog.at_level(logging.WARNING, logger="dxtrack"):
             config = client.configure()
         assert config.aws_secret_access_key is None and config.aws_access_key_id is None
-        assert "DXTRACK_AWS_SECRET_ACCESS_KEY names no dxtrack option" in caplog.text
+        assert "DXTRACK_AWS_SECRET_ACCESS_KEY is ignored: credentials" in caplog.text
         assert "s3cr3t" not in caplog.text
 
     def test_a_misspelt_variable_is_reported(

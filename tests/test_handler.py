@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable, Iterator, Tuple
 
 import pytest
@@ -126,3 +127,70 @@ class TestNoLoops:
             logger.removeHandler(handler)
             logger.propagate = True
         assert handled == ["two args %s %s"] and sink.records("error") == []
+
+
+class BlockedSink(MemorySink):
+    """A sink whose send() waits until released: an endpoint that hangs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def send(self, stream: str, lines: Any) -> Any:
+        self.release.wait(30)
+        return super().send(stream, lines)
+
+
+class TestNeverStallsTheApplication:
+    """Logging calls return at once, whatever the endpoint and the delivery mode do."""
+
+    def test_logging_does_not_wait_for_delivery_in_the_default_mode(
+        self, make_client: MakeClient
+    ) -> None:
+        sink = BlockedSink()
+        client = make_client(sink=sink, sync_timeout=30)  # default mode: error() would wait
+        logger = logging.getLogger("shop.slow")
+        handler = DXTrackHandler(client)
+        logger.addHandler(handler)
+        returned = threading.Event()
+
+        def log_a_failure() -> None:
+            try:
+                raise ParseError("endpoint hangs")
+            except ParseError:
+                logger.exception("while the endpoint hangs")
+            returned.set()
+
+        try:
+            threading.Thread(target=log_a_failure, daemon=True).start()
+            assert returned.wait(10), "logger.exception() waited for the hanging endpoint"
+            assert client.stats()["pending"] == 1
+        finally:
+            logger.removeHandler(handler)
+            sink.release.set()
+        assert client.flush_metrics_buffer(10)
+        assert [r["exception"]["value"] for r in sink.records("error")] == ["endpoint hangs"]
+
+    def test_dxtrack_records_never_wait_for_the_handler_lock(self, make_client: MakeClient) -> None:
+        """The worker logging a failure must not queue behind a thread inside the handler."""
+        handler = DXTrackHandler(make_client(sink=MemorySink()))
+        holding, done = threading.Event(), threading.Event()
+
+        def hold_the_lock() -> None:
+            with handler.lock:  # type: ignore[union-attr]
+                holding.set()
+                done.wait(10)
+
+        holder = threading.Thread(target=hold_the_lock)
+        holder.start()
+        assert holding.wait(10)
+        try:
+            record = logging.LogRecord("dxtrack", logging.ERROR, __file__, 1, "send failed",
+                                       None, (ParseError, ParseError("x"), None))
+            finished = threading.Event()
+            caller = threading.Thread(target=lambda: (handler.handle(record), finished.set()))
+            caller.start()
+            assert finished.wait(5), "a dxtrack record waited for the handler's lock"
+        finally:
+            done.set()
+            holder.join(10)

@@ -34,6 +34,7 @@ class SlowSink:
         time.sleep(0.5)
         with open(f"{OUT}/{stream}.jsonl", "ab") as f:
             f.writelines(lines)
+        print("SINK SENT", file=sys.stderr, flush=True)
         return None
     def close(self):
         pass
@@ -93,6 +94,18 @@ class TestMainThread:
         assert "in parse" in record["exception"]["traceback"]
         assert record["metadata"] == {"unhandled": True, "thread": "MainThread"}
         assert errors_in(tmp_path / "b") == []  # off: nothing recorded
+
+    def test_default_mode_prints_the_traceback_before_waiting_for_delivery(
+        self, tmp_path: Path
+    ) -> None:
+        """Synchronous mode: the record is queued, the traceback printed, then it is sent."""
+        job = MAIN_THREAD_DIES.replace("output_dir=OUT,", "sink=SlowSink(),")
+        result = run_child(tmp_path, job.replace("use_async_requests=True", "sync_timeout=30"))
+        assert result.returncode == 1
+        assert "RuntimeError: no price on page 7" in result.stderr
+        assert result.stderr.index("RuntimeError: no price") < result.stderr.index("SINK SENT")
+        (record,) = errors_in(tmp_path)
+        assert record["metadata"]["thread"] == "MainThread"
 
     def test_a_hook_the_program_installed_still_runs(self, tmp_path: Path) -> None:
         result = run_child(tmp_path, textwrap.dedent("""
@@ -223,3 +236,51 @@ class TestInstallAndUninstall:
             assert sink.records("error") == []  # but no longer recorded
         finally:
             sys.excepthook = original
+
+    def test_capturing_again_after_a_foreign_hook_came_and_went(
+        self, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        original = sys.excepthook
+        sink = MemorySink()
+        client = make_client(sink=sink, capture_unhandled=True, use_async_requests=True)
+        ours = sys.excepthook
+        sys.excepthook = lambda kind, value, tb: ours(kind, value, tb)  # a framework on top
+        try:
+            client.configure(stage="test", context="t", run_id="2", sink=sink,
+                             use_async_requests=True)  # capture off: ours stays in its chain
+            sys.excepthook = original  # the framework leaves, taking our link with it
+            client.configure(stage="test", context="t", run_id="3", sink=sink,
+                             use_async_requests=True, capture_unhandled=True)
+            assert sys.excepthook is not original  # a new link in front
+            sys.excepthook(ValueError, ValueError("after the framework left"), None)
+            assert client.flush_metrics_buffer(10)
+            assert [r["exception"]["value"] for r in sink.records("error")] == [
+                "after the framework left"
+            ]
+        finally:
+            client.close()
+            sys.excepthook = original
+        assert "ValueError: after the framework left" in capsys.readouterr().err
+
+    def test_two_links_of_one_client_record_once(
+        self, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        original = sys.excepthook
+        sink = MemorySink()
+        client = make_client(sink=sink, capture_unhandled=True, use_async_requests=True)
+        ours = sys.excepthook
+        sys.excepthook = lambda kind, value, tb: ours(kind, value, tb)  # a framework on top
+        try:
+            client.configure(stage="test", context="t", run_id="2", sink=sink,
+                             use_async_requests=True)
+            client.configure(stage="test", context="t", run_id="3", sink=sink,
+                             use_async_requests=True, capture_unhandled=True)
+            # Now: new link -> framework -> old link -> original.
+            sys.excepthook(KeyError, KeyError("twice?"), None)
+            assert client.flush_metrics_buffer(10)
+            assert len(sink.records("error")) == 1
+        finally:
+            client.close()
+            sys.excepthook = original
+        assert capsys.readouterr().err.count("KeyError: 'twice?'") == 1
+

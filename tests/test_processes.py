@@ -56,6 +56,24 @@ def global_client(landing: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cal
     dxtrack.close(timeout=10)
 
 
+@pytest.fixture
+def local_client(tmp_path: Any) -> Iterator[Callable[..., Callable[[], List[bytes]]]]:
+    """The ready-made ``dxtrack`` writing local files; returns a reader of metric lines.
+
+    For the signal tests: appending to a file is immediate, so a record that
+    reaches dxtrack after its pipelines were closed is missing, not racing.
+    """
+    path = tmp_path / "metric.jsonl"
+
+    def configure(**extra: Any) -> Callable[[], List[bytes]]:
+        dxtrack.configure(stage="test", context="pool-tests", run_id="run-1",
+                          output_dir=str(tmp_path), **extra)
+        return lambda: path.read_bytes().splitlines() if path.exists() else []
+
+    yield configure
+    dxtrack.close(timeout=10)
+
+
 def run_style(style: str, ctx: Any, jobs: List[tuple], join_timeout: float = 60) -> List[int]:
     if style == "pool-with":
         with ctx.Pool(WORKERS) as pool:
@@ -160,9 +178,51 @@ class TestTerminatedWorkers:
         child.start()
         assert ready.wait(30)
         child.terminate()
-        child.join(30)  # the child would sleep 120 s without dxtrack's watcher
+        child.join(2 + 1 + 5)  # shutdown_timeout + 1 s, and slack; it would sleep 120 s
         assert child.exitcode == 143
         assert_exactly_once(landing, 300, 0)
+
+    def test_a_handler_the_program_installs_later_is_left_to_work(
+        self, local_client: Callable[..., Callable[[], List[bytes]]]
+    ) -> None:
+        """dxtrack installed its handler at the first record; the program's own one wins."""
+        lines = local_client(buffer_metrics=True, flush_interval=3600, shutdown_timeout=2)
+        ctx = multiprocessing.get_context("fork")
+        ready = ctx.Event()
+        child = ctx.Process(target=mp_jobs.emit_then_drain_on_own_sigterm, args=(ready, 100))
+        child.start()
+        assert ready.wait(30)
+        child.terminate()
+        child.join(30)
+        assert child.exitcode == 0  # drained and returned, not ended by dxtrack
+        assert len(lines()) == 200
+
+    def test_a_terminated_grandchild_leaves_its_parent_alone(
+        self, local_client: Callable[..., Callable[[], List[bytes]]]
+    ) -> None:
+        lines = local_client(buffer_metrics=True, flush_interval=3600, shutdown_timeout=2)
+        child = multiprocessing.get_context("fork").Process(
+            target=mp_jobs.terminate_a_grandchild, args=(50,)
+        )
+        child.start()
+        child.join(30)
+        assert child.exitcode == 0
+        assert len(lines()) == 100
+
+    @pytest.mark.parametrize("start_method", START_METHODS)
+    def test_records_made_while_unwinding_land(
+        self, local_client: Callable[..., Callable[[], List[bytes]]], start_method: str
+    ) -> None:
+        lines = local_client(buffer_metrics=True, flush_interval=3600, shutdown_timeout=3)
+        ctx = multiprocessing.get_context(start_method)
+        ready = ctx.Event()
+        child = ctx.Process(target=mp_jobs.record_while_unwinding, args=(ready, 100))
+        child.start()
+        assert ready.wait(30)
+        child.terminate()
+        child.join(30)
+        assert child.exitcode == 143
+        assert len(lines()) == 101
 
 
 class TestForkKeepsParentAndChildApart:

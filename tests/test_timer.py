@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 from typing import Any, Callable, List, Tuple
 
 import pytest
@@ -83,14 +85,57 @@ class TestTimingABlock:
             thread.join(10)
         assert [r["value"] for r in sink.records("metric")] == [11.0, 5.0]
 
-    def test_uses_a_monotonic_clock(self, make_client: MakeClient) -> None:
-        """The default clock is time.monotonic: never negative, whatever the wall clock does."""
-        sink = MemorySink()
-        client = make_client(sink=sink)
-        with client.timer("quick.seconds"):
-            pass
-        (record,) = sink.records("metric")
-        assert 0.0 <= record["value"] < 5.0
+    def test_overlapping_asyncio_tasks_keep_their_own_start(self, timed: Any) -> None:
+        """One timer, two tasks on one thread: A 0-3 s, B 2-5 s."""
+        client, sink, clock = timed
+        timer = client.timer("fetch.seconds")
+
+        async def main() -> None:
+            b_started, a_done = asyncio.Event(), asyncio.Event()
+
+            async def a() -> None:
+                with timer:
+                    clock.advance(2)
+                    await b_started.wait()
+                    clock.advance(1)
+                a_done.set()
+
+            async def b() -> None:
+                await asyncio.sleep(0)
+                with timer:
+                    b_started.set()
+                    await a_done.wait()
+                    clock.advance(2)
+
+            await asyncio.gather(a(), b())
+
+        asyncio.run(main())
+        assert [r["value"] for r in sink.records("metric")] == [3.0, 3.0]
+
+    def test_the_clock_is_monotonic(self, make_client: MakeClient) -> None:
+        """A change of the wall clock never shows up as a duration."""
+        client = make_client(sink=MemorySink())
+        assert client.timer("quick.seconds")._clock is time.monotonic
+
+    def test_metadata_is_taken_as_it_is_at_timer(self, timed: Any) -> None:
+        client, sink, clock = timed
+        metadata = {"shop": "a"}
+        timer = client.timer("scrape.seconds", metadata=metadata)
+        metadata["shop"] = "changed later"
+        with timer:
+            clock.advance(1)
+        assert sink.records("metric")[0]["metadata"]["shop"] == "a"
+
+    def test_a_metric_that_cannot_be_recorded_never_hides_the_blocks_exception(
+        self, timed: Any, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        client, sink, clock = timed
+        with caplog.at_level(logging.WARNING, logger="dxtrack"):
+            with pytest.raises(KeyError, match="the block's own"):
+                with client.timer("big.seconds", metadata={"blob": "x" * 1_100_000}):
+                    raise KeyError("the block's own")
+        assert sink.records("metric") == []
+        assert "dxtrack.timer('big.seconds') could not record its metric" in caplog.text
 
 
 class TestTimingAFunction:
@@ -149,6 +194,19 @@ class TestBadArguments:
         client, _, _ = timed
         with pytest.raises(TypeError, match="metadata must be a dict"):
             client.timer("x.seconds", metadata=["shop"])  # type: ignore[arg-type]
+
+    def test_generator_functions_are_refused(self, timed: Any) -> None:
+        client, _, _ = timed
+
+        def rows() -> Any:
+            yield 1
+
+        async def pages() -> Any:
+            yield 1
+
+        for func in (rows, pages):
+            with pytest.raises(TypeError, match="generator function"):
+                client.timer("x.seconds")(func)
 
     def test_ready_made_client_has_it(self) -> None:
         from dxtrack import dxtrack
