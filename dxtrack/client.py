@@ -260,9 +260,11 @@ class DXTrack:
             self._after_refusal(ERROR, DROPPED, [])
         closed = [body for body, result in zip(bodies, results) if result == CLOSED]
         if closed:
-            self._after_refusal(ERROR, CLOSED, closed)
+            self._after_refusal(ERROR, CLOSED, closed, wait)
 
-    def _after_refusal(self, stream: str, status: int, bodies: List[bytes]) -> None:
+    def _after_refusal(
+        self, stream: str, status: int, bodies: List[bytes], wait: bool = True
+    ) -> None:
         if status == DROPPED:
             self._log.warning(
                 f"buffer-full:{stream}",
@@ -287,7 +289,7 @@ class DXTrack:
                 elif pipeline.metric_waits:
                     pipeline.wait_for(METRIC, seq)
         else:
-            results = pipeline.put_errors(bodies)
+            results = pipeline.put_errors(bodies, wait)
             for result in results:
                 if result == CLOSED:
                     self._refuse(stream)

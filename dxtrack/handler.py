@@ -58,8 +58,8 @@ class DXTrackHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         exc_info = record.exc_info
-        if not exc_info or exc_info[1] is None:
-            return
+        if not exc_info or exc_info[1] is None or not _reportable(record):
+            return  # (the filter says so too; this holds if someone replaces the filters)
         if getattr(self._inside, "active", False):
             return  # a handler further down logged while we were recording
         self._inside.active = True

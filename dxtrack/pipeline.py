@@ -109,7 +109,7 @@ class Pipeline:
                 buffer.worker_running = False
                 self.worker_thread = None
                 return False
-        prepare_process(_close_all_at_exit, grace=self.config.shutdown_timeout + 1.0)
+        prepare_process(_close_all_at_exit, grace=_exit_grace)
         return True
 
     def _run_worker(self, worker: Worker) -> None:
@@ -256,6 +256,12 @@ def _after_fork_in_child() -> None:
     _live_lock = threading.Lock()
     for pipeline in list(_live):
         pipeline.after_fork_in_child()
+
+
+def _exit_grace() -> float:
+    """Seconds a terminated child may take to flush: the longest shutdown_timeout, plus one."""
+    pipelines = list(_live)
+    return max((p.config.shutdown_timeout for p in pipelines), default=0.0) + 1.0
 
 
 def _close_all_at_exit() -> None:

@@ -17,22 +17,26 @@ What dxtrack does so that records survive ``multiprocessing``:
   (status 143) so the process unwinds through that same exit function and
   flushes; a second SIGTERM, or the bound passing, ends it at once. A handler
   the user installed is left alone.
-- **a SIGTERM the main thread cannot act on**: Python runs a handler only when
-  the main thread runs again, and a pool worker's main thread can sleep
-  forever in a C call that missed the signal (the signal landed between
-  ``SemLock``'s non-blocking try and its blocking wait). So with the handler
-  dxtrack points the signal module's wakeup file descriptor at a pipe read by
-  a small thread of its own. When a SIGTERM arrives while dxtrack's handler is
-  still the one installed and the main thread has not run it within
-  :data:`MAIN_THREAD_GRACE`, that thread flushes every pipeline itself (within
-  ``shutdown_timeout``) and ends the process. It does nothing when the main
-  thread acted, when the program has installed a handler of its own since, or
-  when the program uses the wakeup descriptor itself (asyncio's signal
-  handling does). The pipe is a Unix datagram socket whose reader learns the
-  sending process from the kernel (``SO_PASSCRED``), so a signal to a forked
-  child, which shares the socket until its fork hook runs, is never taken for
-  one to this process; without ``SO_PASSCRED`` (outside Linux) there is no
-  watcher and the handler works alone.
+- **a SIGTERM the main thread has not acted on**: Python runs a handler only
+  when the main thread runs bytecode again, and a pool worker's main thread
+  can sleep forever in a C call that missed the signal (it landed between
+  ``SemLock``'s non-blocking try and its blocking wait, which then never
+  returns). So with the handler dxtrack points the signal module's wakeup
+  file descriptor at a pipe read by a small thread of its own. When a SIGTERM
+  arrives while dxtrack's handler is installed and the main thread has not
+  run it within :data:`NUDGE_AFTER`, that thread sends the main thread a
+  SIGURG, for which dxtrack installed a handler that does nothing: the
+  interrupted wait returns, Python runs the handlers that are due, and the
+  worker unwinds as usual. A SIGURG only wakes the main thread; it never ends
+  a process, so a SIGTERM the program ignored stays ignored. The watcher
+  stands aside when the program uses the wakeup descriptor or SIGURG itself.
+- **forks**: a process with dxtrack's SIGTERM handler blocks SIGTERM in the
+  forking thread across ``fork()``. The child sets SIGTERM back to its
+  default before unblocking it (a child that records installs its own
+  handler), so a child terminated at once ends at once: with an inherited
+  Python handler, a signal that arrives before Python's after-fork
+  bookkeeping is forgotten and the child sleeps on. The parent's handler
+  never changes, and a SIGTERM to the parent meanwhile waits a moment.
 - **spawn and forkserver**: a child imports the program afresh, so the
   ready-made ``dxtrack`` client publishes its settings when it is configured
   (a private file named by the environment variable :data:`INHERIT_ENV`), and
@@ -46,8 +50,6 @@ import atexit
 import os
 import secrets
 import signal
-import socket
-import struct
 import sys
 import tempfile
 import threading
@@ -79,67 +81,68 @@ _finalizer_pid: Optional[int] = None  # the process whose exit finalizer is regi
 _handler_pid: Optional[int] = None    # the process whose SIGTERM handler was considered
 _prepare_lock = threading.Lock()
 _exiting = False
-_wakeup: Optional[Tuple[socket.socket, socket.socket]] = None  # (reader, writer) of the watcher
-_inherited_wakeup: Optional[int] = None  # a parent's writer's descriptor, aimed at /dev/null
+_wakeup: Optional[Tuple[int, int]] = None  # (read end, write end) given to set_wakeup_fd
+_inherited_wakeup: Optional[int] = None    # a parent's write end, aimed at /dev/null
 _sigterm_seen = threading.Event()           # dxtrack's SIGTERM handler ran in this process
+_fork_masks = threading.local()             # each forking thread's signal mask before fork
 
-#: Seconds the main thread has to run dxtrack's SIGTERM handler before dxtrack's own
-#: thread flushes and ends the process for it.
-MAIN_THREAD_GRACE = 1.0
-
-
-def _after_fork_in_child() -> None:
-    global _prepare_lock, _sigterm_seen, _wakeup, _inherited_wakeup, _handler_across_fork
-    _handler_across_fork = None  # the child keeps the default until it installs its own
-    _prepare_lock = threading.Lock()
-    _sigterm_seen = threading.Event()
-    if _wakeup is not None:
-        # The signal module still writes to the parent's socket: aim that descriptor at
-        # /dev/null, so this process's signals stop reaching the parent. (No logging here.)
-        reader, writer = _wakeup
-        _wakeup = None
-        try:
-            reader.close()
-            descriptor = writer.detach()  # the signal module still uses the number
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, descriptor)
-            os.close(null)
-            _inherited_wakeup = descriptor
-        except OSError:  # pragma: no cover - nothing better to do in a fork hook
-            pass
-
-
-_handler_across_fork: Any = None  # dxtrack's handler, set aside while a fork happens
+#: Seconds the main thread has to run dxtrack's SIGTERM handler before it is woken.
+NUDGE_AFTER = 0.5
+#: How many times it is woken at most, NUDGE_AFTER apart.
+NUDGES = 3
+#: The signal that wakes it: ignored by default, so a stray one changes nothing.
+NUDGE_SIGNAL = getattr(signal, "SIGURG", None)
 
 
 def _before_fork() -> None:
-    """Fork with SIGTERM at its default, then put dxtrack's handler back in the parent.
-
-    A signal that reaches a child between ``fork()`` and Python's own
-    after-fork bookkeeping is caught by an inherited Python handler and then
-    forgotten: a child terminated at once would sleep on. With the default
-    disposition it simply ends, as it would without dxtrack; a child that
-    records installs a handler of its own.
-    """
-    global _handler_across_fork
-    _handler_across_fork = None
-    try:
-        current = signal.getsignal(signal.SIGTERM)
-        if isinstance(current, _UnwindOnSigterm):
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            _handler_across_fork = current
-    except ValueError:  # forking from a thread other than the main one: leave it
-        pass
+    # Keep a SIGTERM away from the child until it has set SIGTERM back to its default.
+    if isinstance(_current_sigterm_handler(), _UnwindOnSigterm):
+        _fork_masks.saved = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
 
 def _after_fork_in_parent() -> None:
-    global _handler_across_fork
-    if _handler_across_fork is not None:
-        signal.signal(signal.SIGTERM, _handler_across_fork)
-        _handler_across_fork = None
+    saved = getattr(_fork_masks, "saved", None)
+    if saved is not None:
+        _fork_masks.saved = None
+        signal.pthread_sigmask(signal.SIG_SETMASK, saved)
 
 
-if hasattr(os, "register_at_fork"):
+def _after_fork_in_child() -> None:
+    # No logging here: the logging lock may have been held by another thread at fork time.
+    global _prepare_lock, _sigterm_seen, _wakeup, _inherited_wakeup, _fork_masks
+    _prepare_lock = threading.Lock()
+    _sigterm_seen = threading.Event()
+    saved = getattr(_fork_masks, "saved", None)
+    _fork_masks = threading.local()
+    if _wakeup is not None:
+        # The signal module still writes to the parent's pipe: aim that descriptor at /dev/null,
+        # so this process's signals stop reaching the parent's watcher.
+        read_end, write_end = _wakeup
+        _wakeup = None
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, write_end, inheritable=False)
+            os.close(null)
+            os.close(read_end)
+            _inherited_wakeup = write_end
+        except OSError:  # pragma: no cover - nothing better to do in a fork hook
+            pass
+    if saved is not None:
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the forking thread is main here
+        except ValueError:  # pragma: no cover
+            pass
+        signal.pthread_sigmask(signal.SIG_SETMASK, saved)  # a SIGTERM that came ends us now
+
+
+def _current_sigterm_handler() -> Any:
+    try:
+        return signal.getsignal(signal.SIGTERM)
+    except ValueError:  # pragma: no cover - no SIGTERM on this platform
+        return None
+
+
+if hasattr(os, "register_at_fork") and hasattr(signal, "pthread_sigmask"):
     os.register_at_fork(
         before=_before_fork,
         after_in_parent=_after_fork_in_parent,
@@ -153,12 +156,13 @@ def in_child_process() -> bool:
     return mp is not None and mp.parent_process() is not None
 
 
-def prepare_process(close_all: Callable[[], None], grace: float) -> None:
+def prepare_process(close_all: Callable[[], None], grace: Callable[[], float]) -> None:
     """Make sure a child process flushes when it ends; cheap after the first call.
 
     Called when a worker thread starts. ``close_all`` closes every live
-    pipeline within its own bounds; ``grace`` bounds a terminated child's
-    flush before it is ended hard. The main process needs nothing: atexit runs.
+    pipeline within its own bounds; ``grace()``, asked when a SIGTERM comes,
+    bounds a terminated child's flush before it is ended hard. The main
+    process needs nothing: atexit runs.
     """
     global _finalizer_pid, _handler_pid
     pid = os.getpid()
@@ -182,7 +186,7 @@ def prepare_process(close_all: Callable[[], None], grace: float) -> None:
             util.Finalize(None, flush_at_child_exit, exitpriority=100)
         if _handler_pid != pid and on_main_thread:
             _handler_pid = pid
-            _install_sigterm_handler(grace, close_all)
+            _install_sigterm_handler(grace)
 
 
 #: Signals a program may handle; dxtrack's threads never take them (see below).
@@ -209,7 +213,7 @@ def block_signals_in_this_thread() -> None:
 class _UnwindOnSigterm:
     """dxtrack's SIGTERM handler; a class, so a forked child knows an inherited one as ours."""
 
-    def __init__(self, grace: float) -> None:
+    def __init__(self, grace: Callable[[], float]) -> None:
         self.grace = grace
 
     def __call__(self, signum: int, frame: Any) -> None:
@@ -217,92 +221,80 @@ class _UnwindOnSigterm:
         if _exiting:
             return  # already flushing at exit: let it finish within its bound
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
-        watchdog = threading.Timer(self.grace, os._exit, args=(SIGTERM_STATUS,))
+        watchdog = threading.Timer(self.grace(), os._exit, args=(SIGTERM_STATUS,))
         watchdog.daemon = True
         watchdog.start()
         raise SystemExit(SIGTERM_STATUS)
 
 
-def _install_sigterm_handler(grace: float, close_all: Callable[[], None]) -> None:
+def _wake(signum: int, frame: Any) -> None:
+    """dxtrack's SIGURG handler: doing nothing is the point (see the module docstring)."""
+
+
+def _install_sigterm_handler(grace: Callable[[], float]) -> None:
     """Only from the main thread, the one place Python lets a handler be set."""
-    try:
-        current = signal.getsignal(signal.SIGTERM)
-    except ValueError:  # pragma: no cover - no SIGTERM on this platform
-        return
+    current = _current_sigterm_handler()
     if current is not signal.SIG_DFL and not isinstance(current, _UnwindOnSigterm):
-        return  # the user's (or a framework's) handler: leave it alone
+        return  # the user's (or a framework's) handler, or none to be had: leave it alone
     handler = _UnwindOnSigterm(grace)
     signal.signal(signal.SIGTERM, handler)
-    _watch_for_sigterm(handler, close_all)
+    _start_watcher(handler)
 
 
-def _watch_for_sigterm(handler: _UnwindOnSigterm, close_all: Callable[[], None]) -> None:
-    """Start the thread that acts on SIGTERM when the main thread cannot.
+def _start_watcher(handler: _UnwindOnSigterm) -> None:
+    """Start the thread that wakes a main thread which missed a SIGTERM.
 
-    Changes nothing when the wakeup descriptor is the program's, cannot be
-    set, or the platform cannot tell who wrote to it.
+    Changes nothing when SIGURG or the wakeup descriptor is the program's.
     """
     global _wakeup, _inherited_wakeup
-    if not hasattr(socket, "SO_PASSCRED"):
+    if NUDGE_SIGNAL is None or not hasattr(signal, "pthread_kill"):
         return
-    reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if signal.getsignal(NUDGE_SIGNAL) not in (signal.SIG_DFL, _wake):
+        return
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)  # the C signal handler must never block on it
     try:
-        reader.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        writer.setblocking(False)  # the C signal handler must never block on it
-        previous: Optional[int] = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        previous: Optional[int] = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
     except (ValueError, OSError):
         previous = None
     if previous is None or previous not in (-1, _inherited_wakeup):
         if previous is not None:
             signal.set_wakeup_fd(previous)  # in use by the program: give it back
-        reader.close()
-        writer.close()
+        os.close(read_end)
+        os.close(write_end)
         return
     if previous == _inherited_wakeup and previous is not None:
         os.close(previous)
         _inherited_wakeup = None
-    _wakeup = (reader, writer)
+    signal.signal(NUDGE_SIGNAL, _wake)
+    _wakeup = (read_end, write_end)
     watcher = threading.Thread(
-        target=_watch, args=(reader, handler, close_all), name="dxtrack-sigterm", daemon=True
+        target=_watch, args=(read_end, handler, NUDGE_SIGNAL), name="dxtrack-sigterm",
+        daemon=True,
     )
     watcher.start()
 
 
-_UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
-
-
-def _watch(
-    reader: socket.socket, handler: _UnwindOnSigterm, close_all: Callable[[], None]
-) -> None:
+def _watch(read_end: int, handler: _UnwindOnSigterm, nudge: int) -> None:
     block_signals_in_this_thread()
-    me = os.getpid()
+    main = threading.main_thread().ident
     while True:
         try:
-            data, ancillary, _, _ = reader.recvmsg(64, socket.CMSG_SPACE(_UCRED.size))
+            received = os.read(read_end, 512)
         except InterruptedError:  # pragma: no cover - its signals are blocked
             continue
-        except OSError:  # pragma: no cover - the socket is gone
+        except OSError:  # pragma: no cover - the pipe is gone
             return
-        sender = None
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                sender = _UCRED.unpack(payload[: _UCRED.size])[0]
-        if sender != me:  # a forked child's signal, before its fork hook took the socket away
+        if not received:  # pragma: no cover - the write end is never closed
+            return
+        if signal.SIGTERM not in received:
             continue
-        if signal.SIGTERM in data and _main_thread_missed(handler):
-            try:
-                close_all()  # bounded by shutdown_timeout, like the exit path
-            finally:
-                os._exit(SIGTERM_STATUS)
-
-
-def _main_thread_missed(handler: _UnwindOnSigterm) -> bool:
-    """dxtrack's handler is due, and the main thread has not run it within the grace period."""
-    if signal.getsignal(signal.SIGTERM) is not handler:
-        return False  # the program's own handler now, or ours ran already (SIG_DFL)
-    if _sigterm_seen.wait(MAIN_THREAD_GRACE):
-        return False  # the main thread is unwinding; the handler's watchdog bounds it
-    return signal.getsignal(signal.SIGTERM) is handler and not _exiting
+        for _ in range(NUDGES):
+            if _sigterm_seen.wait(NUDGE_AFTER) or signal.getsignal(signal.SIGTERM) is not handler:
+                break  # it ran (its watchdog bounds the exit), or the program took over
+            if main is None or signal.getsignal(nudge) is not _wake:
+                break
+            signal.pthread_kill(main, nudge)  # wakes a blocked wait; it runs what is due
 
 
 def reserve_settings_path() -> None:

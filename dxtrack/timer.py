@@ -78,13 +78,20 @@ class Timer:
 
     def __exit__(self, *exc_info: Any) -> None:
         now = self._clock()
-        open_blocks = dict(_starts.get())
+        open_blocks = dict(_starts.get({}))
         key = id(self)
-        *outer, started = open_blocks.pop(key)
-        if outer:
-            open_blocks[key] = tuple(outer)
+        starts = open_blocks.pop(key, ())
+        if not starts:  # the block ended in another context than it began (a thread pool, say)
+            self._client._log.warning(
+                f"timer-context:{self.name}",
+                "dxtrack.timer(%r): the block ended in another context than it began in; "
+                "nothing recorded", self.name,
+            )
+            return
+        if len(starts) > 1:
+            open_blocks[key] = starts[:-1]
         _starts.set(open_blocks)
-        self._record(now - started)
+        self._record(now - starts[-1])
 
     def __call__(self, func: F) -> F:
         if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):

@@ -89,7 +89,7 @@ def emit_then_drain_on_own_sigterm(ready: Any, metrics: int) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     ready.set()
     stop.wait(60)
-    time.sleep(0.5)  # draining takes a while
+    time.sleep(1.5)  # draining takes a while: longer than dxtrack waits before it acts
     for i in range(metrics):  # the drain records too, after the signal
         dxtrack.metric("mp.drained", i)
 
@@ -130,3 +130,104 @@ def record_while_unwinding(ready: Any, metrics: int) -> None:
         time.sleep(0.05)
         for i in range(metrics):
             dxtrack.metric("mp.unwinding", i)
+
+
+def ignore_one_sigterm_then_carry_on(ready: Any, metrics: int) -> None:
+    """Record; ignore a SIGTERM with a handler of our own, put dxtrack's back, work on."""
+    import signal
+    import threading
+    import time
+
+    for i in range(metrics):
+        dxtrack.metric("mp.before", i)
+    got = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.set())
+    ready.set()
+    got.wait(60)
+    signal.signal(signal.SIGTERM, previous)  # dxtrack's handler is back
+    time.sleep(1.5)  # still working, in a C call, past dxtrack's grace
+    for i in range(metrics):
+        dxtrack.metric("mp.after", i)
+
+
+def terminate_a_grandchild_from_a_thread(metrics: int) -> None:
+    """Like terminate_a_grandchild, forking from a thread (as Pool does for new workers)."""
+    import multiprocessing
+    import threading
+
+    for i in range(metrics):
+        dxtrack.metric("mp.before", i)
+    exit_codes = []
+
+    def fork_and_terminate() -> None:
+        grandchild = multiprocessing.get_context("fork").Process(target=_sleep_long)
+        grandchild.start()
+        grandchild.terminate()
+        grandchild.join(20)
+        exit_codes.append(grandchild.exitcode)
+        if grandchild.exitcode is None:
+            grandchild.kill()
+
+    thread = threading.Thread(target=fork_and_terminate)
+    thread.start()
+    thread.join(30)
+    assert exit_codes and exit_codes[0] is not None, "the terminated grandchild slept on"
+    for i in range(metrics):
+        dxtrack.metric("mp.after", i)
+
+
+def hear_a_grandchilds_sigterm(metrics: int) -> None:
+    """A SIGTERM byte from another process reaches our watcher (as in the instant after a
+    fork, before the child's fork hook): we must carry on."""
+    import signal
+    import time
+
+    from dxtrack import processes
+
+    for i in range(metrics):
+        dxtrack.metric("mp.before", i)
+    assert processes._wakeup is not None, "no watcher in this child"
+    writer = os.dup(processes._wakeup[1])
+    pid = os.fork()
+    if pid == 0:
+        os.write(writer, bytes([signal.SIGTERM]))
+        os._exit(0)
+    os.waitpid(pid, 0)
+    os.close(writer)
+    time.sleep(1.5)
+    for i in range(metrics):
+        dxtrack.metric("mp.after", i)
+
+
+class SlowFileSink:
+    """Writes lines to a file, taking ``delay`` seconds per batch."""
+
+    max_batch_lines, max_batch_bytes = 500, 4 * 1024 * 1024
+
+    def __init__(self, path: str, delay: float) -> None:
+        self.path, self.delay = path, delay
+
+    def send(self, stream: str, lines: Any) -> None:
+        import time
+
+        time.sleep(self.delay)
+        with open(self.path, "ab") as out:
+            out.writelines(lines)
+
+    def close(self) -> None:
+        pass
+
+
+def reconfigure_longer_then_wait(ready: Any, path: str, metrics: int) -> None:
+    """Record under a short shutdown_timeout, reconfigure with a longer one and a slow sink."""
+    import threading
+
+    dxtrack.configure(stage="test", context="c", run_id="r", shutdown_timeout=0.5,
+                      buffer_metrics=True, flush_interval=3600, sink=SlowFileSink(path, 0))
+    dxtrack.metric("mp.first", 1)  # the SIGTERM handler is installed now
+    dxtrack.configure(stage="test", context="c", run_id="r", shutdown_timeout=5,
+                      buffer_metrics=True, flush_interval=3600, sink=SlowFileSink(path, 2.0))
+    for i in range(metrics):
+        dxtrack.metric("mp.slow", i)
+    ready.set()
+    threading.Event().wait(60)

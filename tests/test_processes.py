@@ -171,16 +171,69 @@ class TestTerminatedWorkers:
         self, landing: Any, global_client: Callable[..., None], start_method: str
     ) -> None:
         """dxtrack's own thread flushes and ends the child within shutdown_timeout + 1 s."""
-        global_client(buffer_metrics=True, flush_interval=3600, shutdown_timeout=2)
+        global_client(buffer_metrics=True, flush_interval=3600, shutdown_timeout=5)
         ctx = multiprocessing.get_context(start_method)
         ready = ctx.Event()
         child = ctx.Process(target=mp_jobs.emit_then_miss_sigterm, args=(ready, 300))
         child.start()
         assert ready.wait(30)
         child.terminate()
-        child.join(2 + 1 + 5)  # shutdown_timeout + 1 s, and slack; it would sleep 120 s
-        assert child.exitcode == 143
+        child.join(5 + 1 + 10)  # shutdown_timeout + 1 s, and slack; it would sleep 120 s
+        assert child.exitcode == 143  # woken, it unwound through dxtrack's handler
         assert_exactly_once(landing, 300, 0)
+
+    def test_a_sigterm_the_program_ignored_stays_ignored(
+        self, local_client: Callable[..., Callable[[], List[bytes]]]
+    ) -> None:
+        """Its own handler took the signal and then gave dxtrack's back: nothing happens."""
+        lines = local_client(buffer_metrics=True, flush_interval=3600, shutdown_timeout=2)
+        ctx = multiprocessing.get_context("fork")
+        ready = ctx.Event()
+        child = ctx.Process(target=mp_jobs.ignore_one_sigterm_then_carry_on, args=(ready, 50))
+        child.start()
+        assert ready.wait(30)
+        child.terminate()
+        child.join(30)
+        assert child.exitcode == 0
+        assert len(lines()) == 100
+
+    def test_a_grandchild_forked_from_a_thread_ends_when_terminated(
+        self, local_client: Callable[..., Callable[[], List[bytes]]]
+    ) -> None:
+        lines = local_client(buffer_metrics=True, flush_interval=3600, shutdown_timeout=2)
+        child = multiprocessing.get_context("fork").Process(
+            target=mp_jobs.terminate_a_grandchild_from_a_thread, args=(50,)
+        )
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0
+        assert len(lines()) == 100
+
+    def test_a_grandchilds_signal_on_the_watcher_changes_nothing(
+        self, local_client: Callable[..., Callable[[], List[bytes]]]
+    ) -> None:
+        lines = local_client(buffer_metrics=True, flush_interval=3600, shutdown_timeout=2)
+        child = multiprocessing.get_context("fork").Process(
+            target=mp_jobs.hear_a_grandchilds_sigterm, args=(50,)
+        )
+        child.start()
+        child.join(30)
+        assert child.exitcode == 0
+        assert len(lines()) == 100
+
+    def test_the_bound_follows_the_latest_configure(self, tmp_path: Any) -> None:
+        """Terminated after a reconfigure from shutdown_timeout 0.5 to 5: a 2 s flush lands."""
+        path = str(tmp_path / "metric.jsonl")
+        ctx = multiprocessing.get_context("fork")
+        ready = ctx.Event()
+        child = ctx.Process(target=mp_jobs.reconfigure_longer_then_wait, args=(ready, path, 20))
+        child.start()
+        assert ready.wait(30)
+        child.terminate()
+        child.join(30)
+        assert child.exitcode == 143
+        with open(path, "rb") as landed:
+            assert len(landed.read().splitlines()) == 21
 
     def test_a_handler_the_program_installs_later_is_left_to_work(
         self, local_client: Callable[..., Callable[[], List[bytes]]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 import time
@@ -111,6 +112,18 @@ class TestTimingABlock:
 
         asyncio.run(main())
         assert [r["value"] for r in sink.records("metric")] == [3.0, 3.0]
+
+    def test_a_block_that_ends_in_another_context_raises_nothing(
+        self, timed: Any, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Each step of a generator run in a thread pool gets a fresh copy of the context."""
+        client, sink, _ = timed
+        timer = client.timer("step.seconds")
+        contextvars.copy_context().run(timer.__enter__)
+        with caplog.at_level(logging.WARNING, logger="dxtrack"):
+            timer.__exit__(None, None, None)
+        assert sink.records("metric") == []
+        assert "ended in another context" in caplog.text
 
     def test_the_clock_is_monotonic(self, make_client: MakeClient) -> None:
         """A change of the wall clock never shows up as a duration."""
