@@ -36,7 +36,10 @@ What dxtrack does so that records survive ``multiprocessing``:
   handler), so a child terminated at once ends at once: with an inherited
   Python handler, a signal that arrives before Python's after-fork
   bookkeeping is forgotten and the child sleeps on. The parent's handler
-  never changes, and a SIGTERM to the parent meanwhile waits a moment.
+  never changes; a SIGTERM to the parent meanwhile waits until the fork is
+  done, and its handler, which then runs inside the after-fork hook (where a
+  ``SystemExit`` would be swallowed), flushes from a thread and ends the
+  process instead of unwinding it.
 - **spawn and forkserver**: a child imports the program afresh, so the
   ready-made ``dxtrack`` client publishes its settings when it is configured
   (a private file named by the environment variable :data:`INHERIT_ENV`), and
@@ -103,17 +106,40 @@ def _before_fork() -> None:
 def _after_fork_in_parent() -> None:
     saved = getattr(_fork_masks, "saved", None)
     if saved is not None:
-        _fork_masks.saved = None
-        signal.pthread_sigmask(signal.SIG_SETMASK, saved)
+        try:
+            # A SIGTERM held back during the fork runs its handler in here, where an
+            # exception would be swallowed: the handler sees `saved` and acts without one.
+            signal.pthread_sigmask(signal.SIG_SETMASK, saved)
+        finally:
+            _fork_masks.saved = None
+
+
+def _in_fork_hook() -> bool:
+    return getattr(_fork_masks, "saved", None) is not None
 
 
 def _after_fork_in_child() -> None:
     # No logging here: the logging lock may have been held by another thread at fork time.
     global _prepare_lock, _sigterm_seen, _wakeup, _inherited_wakeup, _fork_masks
-    _prepare_lock = threading.Lock()
-    _sigterm_seen = threading.Event()
     saved = getattr(_fork_masks, "saved", None)
     _fork_masks = threading.local()
+    if saved is not None:
+        # First, and whatever a pending handler raises meanwhile: SIGTERM back to its
+        # default, then unblocked (a SIGTERM that came during the fork ends the child now).
+        try:
+            for _ in range(3):  # signal.signal() runs pending handlers first, which may raise
+                try:
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the forking thread is main
+                    break
+                except BaseException:  # noqa: BLE001 - nothing may stop the unblocking below
+                    continue
+        finally:
+            try:
+                signal.pthread_sigmask(signal.SIG_SETMASK, saved)
+            except BaseException:  # noqa: BLE001
+                pass
+    _prepare_lock = threading.Lock()
+    _sigterm_seen = threading.Event()
     if _wakeup is not None:
         # The signal module still writes to the parent's pipe: aim that descriptor at /dev/null,
         # so this process's signals stop reaching the parent's watcher.
@@ -127,12 +153,6 @@ def _after_fork_in_child() -> None:
             _inherited_wakeup = write_end
         except OSError:  # pragma: no cover - nothing better to do in a fork hook
             pass
-    if saved is not None:
-        try:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the forking thread is main here
-        except ValueError:  # pragma: no cover
-            pass
-        signal.pthread_sigmask(signal.SIG_SETMASK, saved)  # a SIGTERM that came ends us now
 
 
 def _current_sigterm_handler() -> Any:
@@ -186,7 +206,7 @@ def prepare_process(close_all: Callable[[], None], grace: Callable[[], float]) -
             util.Finalize(None, flush_at_child_exit, exitpriority=100)
         if _handler_pid != pid and on_main_thread:
             _handler_pid = pid
-            _install_sigterm_handler(grace)
+            _install_sigterm_handler(grace, close_all)
 
 
 #: Signals a program may handle; dxtrack's threads never take them (see below).
@@ -213,8 +233,9 @@ def block_signals_in_this_thread() -> None:
 class _UnwindOnSigterm:
     """dxtrack's SIGTERM handler; a class, so a forked child knows an inherited one as ours."""
 
-    def __init__(self, grace: Callable[[], float]) -> None:
+    def __init__(self, grace: Callable[[], float], close_all: Callable[[], None]) -> None:
         self.grace = grace
+        self.close_all = close_all
 
     def __call__(self, signum: int, frame: Any) -> None:
         _sigterm_seen.set()
@@ -224,19 +245,31 @@ class _UnwindOnSigterm:
         watchdog = threading.Timer(self.grace(), os._exit, args=(SIGTERM_STATUS,))
         watchdog.daemon = True
         watchdog.start()
+        if _in_fork_hook():
+            # Held back during a fork and run inside the fork hook, which would swallow
+            # SystemExit: flush from a thread and end the process from there instead.
+            threading.Thread(target=self._flush_and_end, name="dxtrack-sigterm-exit",
+                             daemon=True).start()
+            return
         raise SystemExit(SIGTERM_STATUS)
+
+    def _flush_and_end(self) -> None:
+        try:
+            self.close_all()
+        finally:
+            os._exit(SIGTERM_STATUS)
 
 
 def _wake(signum: int, frame: Any) -> None:
     """dxtrack's SIGURG handler: doing nothing is the point (see the module docstring)."""
 
 
-def _install_sigterm_handler(grace: Callable[[], float]) -> None:
+def _install_sigterm_handler(grace: Callable[[], float], close_all: Callable[[], None]) -> None:
     """Only from the main thread, the one place Python lets a handler be set."""
     current = _current_sigterm_handler()
     if current is not signal.SIG_DFL and not isinstance(current, _UnwindOnSigterm):
         return  # the user's (or a framework's) handler, or none to be had: leave it alone
-    handler = _UnwindOnSigterm(grace)
+    handler = _UnwindOnSigterm(grace, close_all)
     signal.signal(signal.SIGTERM, handler)
     _start_watcher(handler)
 

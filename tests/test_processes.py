@@ -221,6 +221,18 @@ class TestTerminatedWorkers:
         assert child.exitcode == 0
         assert len(lines()) == 100
 
+    def test_a_sigterm_held_back_during_a_fork_still_flushes(self, tmp_path: Any) -> None:
+        """Its handler runs inside the after-fork hook, where SystemExit would be swallowed."""
+        import mp_fork_signal
+
+        child = multiprocessing.get_context("spawn").Process(
+            target=mp_fork_signal.sigterm_during_fork, args=(str(tmp_path), 100)
+        )
+        child.start()
+        child.join(30)
+        assert child.exitcode == 143
+        assert len((tmp_path / "metric.jsonl").read_bytes().splitlines()) == 100
+
     def test_the_bound_follows_the_latest_configure(self, tmp_path: Any) -> None:
         """Terminated after a reconfigure from shutdown_timeout 0.5 to 5: a 2 s flush lands."""
         path = str(tmp_path / "metric.jsonl")
