@@ -162,12 +162,15 @@ def _current_sigterm_handler() -> Any:
         return None
 
 
-if hasattr(os, "register_at_fork") and hasattr(signal, "pthread_sigmask"):
-    os.register_at_fork(
-        before=_before_fork,
-        after_in_parent=_after_fork_in_parent,
-        after_in_child=_after_fork_in_child,
-    )
+if hasattr(os, "register_at_fork"):
+    if hasattr(signal, "pthread_sigmask"):
+        os.register_at_fork(
+            before=_before_fork,
+            after_in_parent=_after_fork_in_parent,
+            after_in_child=_after_fork_in_child,
+        )
+    else:  # pragma: no cover - fork without thread signal masks
+        os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def in_child_process() -> bool:
