@@ -12,7 +12,7 @@ import sys
 import textwrap
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import orjson
 import pytest
@@ -238,49 +238,48 @@ class TestInstallAndUninstall:
             sys.excepthook = original
 
     def test_capturing_again_after_a_foreign_hook_came_and_went(
-        self, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+        self, framework_on_top: Any, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        original = sys.excepthook
-        sink = MemorySink()
-        client = make_client(sink=sink, capture_unhandled=True, use_async_requests=True)
-        ours = sys.excepthook
-        sys.excepthook = lambda kind, value, tb: ours(kind, value, tb)  # a framework on top
-        try:
-            client.configure(stage="test", context="t", run_id="2", sink=sink,
-                             use_async_requests=True)  # capture off: ours stays in its chain
-            sys.excepthook = original  # the framework leaves, taking our link with it
-            client.configure(stage="test", context="t", run_id="3", sink=sink,
-                             use_async_requests=True, capture_unhandled=True)
-            assert sys.excepthook is not original  # a new link in front
-            sys.excepthook(ValueError, ValueError("after the framework left"), None)
-            assert client.flush_metrics_buffer(10)
-            assert [r["exception"]["value"] for r in sink.records("error")] == [
-                "after the framework left"
-            ]
-        finally:
-            client.close()
-            sys.excepthook = original
+        client, sink, original = framework_on_top
+        configure(client, sink, "2")  # capture off: ours stays in the framework's chain
+        sys.excepthook = original  # the framework leaves, taking our link with it
+        configure(client, sink, "3", capture_unhandled=True)
+        assert sys.excepthook is not original  # a new link in front
+        sys.excepthook(ValueError, ValueError("after the framework left"), None)
+        assert client.flush_metrics_buffer(10)
+        assert [r["exception"]["value"] for r in sink.records("error")] == [
+            "after the framework left"
+        ]
         assert "ValueError: after the framework left" in capsys.readouterr().err
 
     def test_two_links_of_one_client_record_once(
-        self, make_client: MakeClient, capsys: pytest.CaptureFixture[str]
+        self, framework_on_top: Any, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        original = sys.excepthook
-        sink = MemorySink()
-        client = make_client(sink=sink, capture_unhandled=True, use_async_requests=True)
-        ours = sys.excepthook
-        sys.excepthook = lambda kind, value, tb: ours(kind, value, tb)  # a framework on top
-        try:
-            client.configure(stage="test", context="t", run_id="2", sink=sink,
-                             use_async_requests=True)
-            client.configure(stage="test", context="t", run_id="3", sink=sink,
-                             use_async_requests=True, capture_unhandled=True)
-            # Now: new link -> framework -> old link -> original.
-            sys.excepthook(KeyError, KeyError("twice?"), None)
-            assert client.flush_metrics_buffer(10)
-            assert len(sink.records("error")) == 1
-        finally:
-            client.close()
-            sys.excepthook = original
+        client, sink, _ = framework_on_top
+        configure(client, sink, "2")
+        configure(client, sink, "3", capture_unhandled=True)
+        # Now: new link -> framework -> old link -> original.
+        sys.excepthook(KeyError, KeyError("twice?"), None)
+        assert client.flush_metrics_buffer(10)
+        assert len(sink.records("error")) == 1
         assert capsys.readouterr().err.count("KeyError: 'twice?'") == 1
 
+
+def configure(client: DXTrack, sink: MemorySink, run_id: str, **options: Any) -> None:
+    client.configure(stage="test", context="t", run_id=run_id, sink=sink,
+                     use_async_requests=True, **options)
+
+
+@pytest.fixture
+def framework_on_top(make_client: MakeClient) -> Iterator[Tuple[DXTrack, MemorySink, Any]]:
+    """A capturing client, and a framework's excepthook chained in front of dxtrack's."""
+    original = sys.excepthook
+    sink = MemorySink()
+    client = make_client(sink=sink, capture_unhandled=True, use_async_requests=True)
+    ours = sys.excepthook
+    sys.excepthook = lambda kind, value, tb: ours(kind, value, tb)
+    try:
+        yield client, sink, original
+    finally:
+        client.close()
+        sys.excepthook = original
