@@ -29,7 +29,7 @@ from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
 from ._version import __version__
 from .check import Report, check_aws, check_output, checks
 from .config import DEFAULT_REGION, STAGES, Config, settings_from_kwargs
-from .env import variable_for
+from .env import environment_defaults, variable_for
 from .exceptions import ConfigurationError
 
 __all__ = ["main"]
@@ -197,11 +197,19 @@ def _given(args: argparse.Namespace, *, required: Sequence[str]) -> Dict[str, An
     """The options given as flags; bad usage if a ``required`` one is set nowhere."""
     given = {option: getattr(args, option) for option in FLAGS}
     given = {option: value for option, value in given.items() if value is not None}
-    missing = [o for o in required if o not in given and not os.environ.get(variable_for(o))]
+    missing = [o for o in required if o not in given and o not in _from_environment(given)]
     if missing:
         needs = ", ".join(f"{FLAGS[o]} (or {variable_for(o)})" for o in missing)
         raise UsageError(f"{args.command} needs {needs}")
     return given
+
+
+def _from_environment(options: Dict[str, Any]) -> Dict[str, Any]:
+    """What the ``DXTRACK_*`` variables would add to ``options`` (configure()'s own rules)."""
+    try:
+        return environment_defaults(options)[0]
+    except ConfigurationError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _config(options: Dict[str, Any]) -> Config:
@@ -274,8 +282,9 @@ def _check(args: argparse.Namespace) -> int:
     options = {**_given(args, required=("stage",)), **SYNCHRONOUS}
     defaults = {"context": "dxtrack-check", "run_id": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                     time.gmtime())}
+    from_environment = _from_environment(options)
     for option, default in defaults.items():  # used only by the --send-test record
-        if option not in options and not os.environ.get(variable_for(option)):
+        if option not in options and option not in from_environment:
             options[option] = default
     config = _config(options)
     report = Report()

@@ -57,9 +57,9 @@ class DXTrackHandler(logging.Handler):
         return self._client
 
     def emit(self, record: logging.LogRecord) -> None:
-        exc_info = record.exc_info
-        if not exc_info or exc_info[1] is None or not _reportable(record):
+        if not _reportable(record):
             return  # (the filter says so too; this holds if someone replaces the filters)
+        exc_info = record.exc_info
         if getattr(self._inside, "active", False):
             return  # a handler further down logged while we were recording
         self._inside.active = True
@@ -69,7 +69,7 @@ class DXTrackHandler(logging.Handler):
                 "level": record.levelname,
                 "message": record.getMessage(),
             }
-            self.client._error(metadata, exc_info[1], wait=False)
+            self.client._error(metadata, exc_info[1], wait=False)  # type: ignore[index]
         except Exception:
             self.handleError(record)
         finally:

@@ -12,7 +12,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Callable, Dict, List, Optional, Sequence, cast
+from typing import Callable, Dict, List, Optional, Sequence, cast, overload
 
 from ._logging import RateLimitedLog, logger
 from .buffer import CLOSED, RingBuffer
@@ -170,12 +170,12 @@ class Pipeline:
             self.buffer.close()
             thread = self.worker_thread
             if thread is not None and thread is not threading.current_thread():
-                thread.join(max(0.0, timeout - (time.monotonic() - started)))
+                thread.join(_left(timeout, started))
             self.buffer.stop()
             if thread is None or not thread.is_alive():
                 self._close_sink()
             if self.forwarder is not None:
-                self.forwarder.close(max(0.0, timeout - (time.monotonic() - started)))
+                self.forwarder.close(_left(timeout, started))
             if not ok:
                 s = self.stats()
                 dropped = cast(Dict[str, int], s["dropped"])
@@ -246,7 +246,12 @@ def _teed(
     return put_and_forward
 
 
+@overload
+def _left(timeout: float, started: float) -> float: ...
+@overload
+def _left(timeout: None, started: float) -> None: ...
 def _left(timeout: Optional[float], started: float) -> Optional[float]:
+    """What is left of ``timeout`` seconds since ``started`` (None: no bound)."""
     return None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
 
 
