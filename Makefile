@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAGE  ?= dev
 
-.PHONY: test test-full demo bench lint typecheck clean
+.PHONY: test test-full demo stress bench lint typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test-full: $(VENV)/.test-installed
 
 demo: $(VENV)/.test-installed
 	$(BIN)/python -m dxtrack.demo --stage $(STAGE)
+
+# Pools, Ctrl-C and re-entrant calls, hundreds of times on loaded cores: nothing lost,
+# duplicated or hung (not part of `make test`). Options: make stress ARGS='--runs-pool 50'.
+stress: $(VENV)/.test-installed
+	$(BIN)/python tests/stress.py $(ARGS)
 
 bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/run.py

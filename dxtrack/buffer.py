@@ -18,7 +18,15 @@ a *caller* is held (``block_timeout``, ``sync_timeout``, a flush's timeout)
 is real time, ``time.monotonic()``, whatever the clock.
 
 One lock guards everything here. Callers hold it for an append; the worker
-holds it to take a batch and to settle one, never while sending.
+holds it to take a batch and to settle one, never while sending. It is taken
+only with ``with`` (an exception such as ``KeyboardInterrupt`` cannot land
+between taking it and the block that releases it), and it is reentrant,
+because a thread holding it can be interrupted by code that records: a
+signal handler, a ``__del__`` or a weakref callback run by the garbage
+collector. Such a call finds ``_busy`` set (the interrupted code is half way
+through a change) and leaves its record in a side queue, as
+``queue.SimpleQueue.put`` would, which the interrupted code folds in before
+it lets go of the lock. It never waits for delivery (:data:`DEFERRED`).
 """
 
 from __future__ import annotations
@@ -27,16 +35,19 @@ import collections
 import random
 import threading
 import time
-from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Set, Tuple
 
 from .clock import Clock
 from .records import ERROR, ID_OVERHEAD, METRIC
 
-__all__ = ["CLOSED", "DROPPED", "Checkpoint", "RingBuffer"]
+__all__ = ["CLOSED", "DEFERRED", "DROPPED", "Checkpoint", "RingBuffer"]
 
-# What put() returns instead of a sequence number when it did not take the record.
+# What put() returns instead of a sequence number: it did not take the record ...
 DROPPED = 0
 CLOSED = -1
+#: ... or it took it from code that interrupted this buffer's own thread (see above): the
+#: record is queued, but has no number yet, so nobody can wait for it.
+DEFERRED = -2
 
 #: Relative jitter of ``flush_interval``, so pools of processes do not send in lockstep.
 _INTERVAL_JITTER = 0.1
@@ -46,7 +57,7 @@ class _Stream:
     __slots__ = (
         "name", "queue", "bytes", "enqueued", "taken", "settled", "in_flight",
         "urgent", "due", "flush_target", "losses", "forgotten", "drops", "checked",
-        "checked_drops",
+        "checked_drops", "outage",
     )
 
     def __init__(self, name: str) -> None:
@@ -68,6 +79,7 @@ class _Stream:
         # What the last completed flush reported on: later flushes judge only what came after.
         self.checked = 0
         self.checked_drops = 0
+        self.outage = False     # the last attempt delivered nothing (see report_attempt)
 
 
 class Checkpoint(NamedTuple):
@@ -126,15 +138,20 @@ class RingBuffer:
 
     def _reset(self) -> None:
         """Fresh locks, conditions, queues and counters (at creation and in a forked child)."""
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.wake = threading.Condition(self.lock)      # the worker waits here
         self.progress = threading.Condition(self.lock)  # callers wait here
+        self._busy = False  # the lock's holder is half way through a change
+        self._waiting: Set[int] = set()  # threads inside a wait of this buffer
+        self._side: Deque[Tuple[str, bytes, bool]] = collections.deque()  # see the docstring
         self.streams: Dict[str, _Stream] = {METRIC: _Stream(METRIC), ERROR: _Stream(ERROR)}
         self._turn: List[_Stream] = list(self.streams.values())  # who the worker serves first
         self.worker_running = False
         self.worker_idle = False
+        self._worker_ident: Optional[int] = None  # the thread that takes batches
         self.closing = False   # no new records; the worker drains everything left
         self.stopped = False   # the worker must return as soon as it can
+        self.hurry = 0         # bumped by each flush and close: a retry backoff ends at once
         self.counts: Dict[str, int] = collections.defaultdict(int)
         self.dropped: Dict[str, int] = collections.defaultdict(int)
 
@@ -144,49 +161,67 @@ class RingBuffer:
 
     # -- the caller's side -------------------------------------------------
     def put(self, stream: str, body: bytes, urgent: bool) -> int:
-        """Append one body; returns its sequence number, or DROPPED, or CLOSED.
+        """Append one body; returns its sequence number, or DROPPED, CLOSED or DEFERRED.
 
         ``urgent`` wakes the worker now; otherwise the record waits for a full
         batch, the flush interval, or a flush.
         """
-        size = len(body)
-        # acquire/release rather than ``with``: this is the caller's hot path.
-        self.lock.acquire()
-        try:
-            if self.closing:
-                return CLOSED
-            s = self.streams[stream]
-            queue = s.queue
-            if len(queue) >= self.max_records or s.bytes + size > self.max_bytes:
-                s.urgent = True  # a full buffer is sent now, whatever the mode
-                self._wake_worker(s)
-                if not self._make_room(s, size):
-                    self.dropped["buffer_full"] += 1
-                    s.drops += 1
-                    return DROPPED
-            if not queue and not urgent:
-                s.due = self.clock.monotonic() + self.flush_interval * (
-                    1.0 + _INTERVAL_JITTER * (2.0 * random.random() - 1.0)
-                )
-            queue.append(body)
-            s.bytes += size
-            s.enqueued += 1
-            if urgent:
-                s.urgent = True
-            # An idle worker is woken for urgent records, a ready batch, and the first record
-            # of an empty queue (whose due time may come before what the worker waits for).
-            if self.worker_idle and (
-                urgent or len(queue) == 1 or len(queue) >= self.ready_lines
-                or s.bytes >= self.ready_bytes
-            ):
-                self.worker_idle = False
-                self.wake.notify()
-            seq = s.enqueued
-        finally:
-            self.lock.release()
+        with self.lock:
+            if self._busy:  # we interrupted this thread's own change of the buffer
+                self._side.append((stream, body, urgent))
+                return DEFERRED
+            self._busy = True
+            try:
+                seq = self._append(stream, body, urgent)
+            finally:
+                self._busy = False
+            if self._side:
+                self._fold()
         if not self.worker_running:
             self.start_worker()
         return seq
+
+    def _append(self, stream: str, body: bytes, urgent: bool) -> int:
+        if self.closing:
+            return CLOSED
+        s = self.streams[stream]
+        queue = s.queue
+        size = len(body)
+        if len(queue) >= self.max_records or s.bytes + size > self.max_bytes:
+            s.urgent = True  # a full buffer is sent now, whatever the mode
+            self._wake_worker(s)
+            if not self._make_room(s, size):
+                self.dropped["buffer_full"] += 1
+                s.drops += 1
+                return DROPPED
+        if not queue and not urgent:
+            s.due = self.clock.monotonic() + self.flush_interval * (
+                1.0 + _INTERVAL_JITTER * (2.0 * random.random() - 1.0)
+            )
+        queue.append(body)
+        s.bytes += size
+        s.enqueued += 1
+        if urgent:
+            s.urgent = True
+        # An idle worker is woken for urgent records, a ready batch, and the first record
+        # of an empty queue (whose due time may come before what the worker waits for).
+        if self.worker_idle and (
+            urgent or len(queue) == 1 or len(queue) >= self.ready_lines
+            or s.bytes >= self.ready_bytes
+        ):
+            self._wake()
+        return s.enqueued
+
+    def _fold(self) -> None:
+        """Queue the records that interrupting code left aside (the lock is held)."""
+        self._busy = True
+        try:
+            side = self._side
+            while side:
+                stream, body, urgent = side.popleft()
+                self._append(stream, body, urgent)
+        finally:
+            self._busy = False
 
     def _make_room(self, s: _Stream, size: int) -> bool:
         if self.on_full == "drop_oldest":
@@ -200,26 +235,54 @@ class RingBuffer:
             self.progress.notify_all()
             return True
         if self.on_full == "block":
+            me = threading.get_ident()
+            if me in self._waiting:
+                return False  # code interrupting this thread's own wait never waits (see below)
             deadline = time.monotonic() + self.block_timeout
-            while len(s.queue) >= self.max_records or s.bytes + size > self.max_bytes:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.closing:
-                    return False
-                self.clock.wait(self.progress, remaining)
+            self._waiting.add(me)
+            try:
+                while len(s.queue) >= self.max_records or s.bytes + size > self.max_bytes:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self.closing:
+                        return False
+                    self._busy = False  # waiting lets go of the lock: nothing is half done
+                    try:
+                        self.clock.wait(self.progress, remaining)
+                    finally:
+                        self._busy = True
+            finally:
+                self._waiting.discard(me)
             return True
         return False
 
-    def wait_settled(self, targets: Dict[str, int], timeout: Optional[float]) -> bool:
+    def wait_settled(
+        self, targets: Dict[str, int], timeout: Optional[float], in_outage: bool = True
+    ) -> bool:
         """Wait until every stream has settled up to its target; False once ``timeout``
-        real seconds have passed."""
+        real seconds have passed, or, with ``in_outage=False``, as soon as the sink is
+        failing (:meth:`report_attempt`): the records still wait for their retries, the
+        caller does not."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        streams = self.streams
+        me = threading.get_ident()
         with self.lock:
-            while any(self.streams[name].settled < target for name, target in targets.items()):
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self.clock.wait(self.progress, remaining)
-            return True
+            if me in self._waiting:
+                # Code that interrupted this thread while it waits (a __del__ run by the
+                # garbage collector inside Condition.wait, say): waiting here would let go of
+                # the lock before that wait has registered, and its wake-up would be lost.
+                return False
+            self._waiting.add(me)
+            try:
+                while any(streams[name].settled < target for name, target in targets.items()):
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    if not in_outage and any(streams[name].outage for name in targets):
+                        return False
+                    self.clock.wait(self.progress, remaining)
+                return True
+            finally:
+                self._waiting.discard(me)
 
     def request_flush(self) -> Checkpoint:
         """Ask the worker to send everything accepted so far; returns what to wait for.
@@ -238,6 +301,7 @@ class RingBuffer:
                 drops[s.name] = (s.checked_drops, s.drops)
                 pending = pending or s.settled < s.enqueued
                 self._wake_worker(s)
+            self._hurry()
             return Checkpoint(targets, firsts, drops, pending)
 
     def verdict(self, checkpoint: Checkpoint) -> bool:
@@ -263,6 +327,14 @@ class RingBuffer:
 
     def _wake_worker(self, s: _Stream) -> None:
         if s.queue and self.worker_idle:
+            self._wake()
+
+    def _wake(self) -> None:
+        # A record made on the worker's own thread (a __del__ run by the garbage collector
+        # as the worker was about to wait) cannot wake it: it is not waiting yet, and the
+        # notification would be lost. The flag then stays set, so the next record from any
+        # other thread wakes it; the worker's record waits for that, a flush, or exit.
+        if threading.get_ident() != self._worker_ident:
             self.worker_idle = False
             self.wake.notify()
 
@@ -273,6 +345,7 @@ class RingBuffer:
         Returns (stream, bodies, sequence number of the first body).
         """
         with self.lock:
+            self._worker_ident = threading.get_ident()
             while True:
                 if self.stopped:
                     return None
@@ -287,7 +360,13 @@ class RingBuffer:
                         or len(s.queue) >= self.ready_lines or s.bytes >= self.ready_bytes
                     ):
                         self._turn = turn[i + 1:] + turn[: i + 1]  # served: to the back
-                        return self._take_batch(s)
+                        self._busy = True
+                        try:
+                            return self._take_batch(s)
+                        finally:
+                            self._busy = False
+                            if self._side:
+                                self._fold()
                     next_due = s.due if next_due is None else min(next_due, s.due)
                 if self.closing:
                     return None
@@ -335,11 +414,29 @@ class RingBuffer:
                 _lose(s, first, s.taken - first + 1)
             self.progress.notify_all()
 
-    def wait_backoff(self, seconds: float, records: int) -> bool:
+    def _hurry(self) -> None:
+        """A flush or close wants everything out now: end a retry backoff at once."""
+        self.hurry += 1
+        self.wake.notify_all()
+
+    def report_attempt(self, stream: str, delivered: bool) -> None:
+        """The worker's word after each attempt on ``stream``: did it deliver anything?
+
+        A stream whose last attempt delivered nothing is in an *outage*:
+        synchronous callers stop waiting for its records (see :meth:`wait_settled`).
+        """
+        s = self.streams[stream]
+        if s.outage == delivered:
+            with self.lock:
+                s.outage = not delivered
+                self.progress.notify_all()  # synchronous callers stop waiting
+
+    def wait_backoff(self, seconds: float, records: int, hurry: int) -> bool:
         """Sleep ``seconds`` on the clock before ``records`` are sent again.
 
         They count as retried from now, so an outage shows in ``stats()`` while
-        it lasts. Returns early, and False, when the client stops.
+        it lasts. Returns early, and True, when a flush or close came after
+        :attr:`hurry` read ``hurry``; early, and False, when the client stops.
         """
         with self.lock:
             if self.stopped:
@@ -348,7 +445,7 @@ class RingBuffer:
             deadline = self.clock.monotonic() + seconds
             while not self.stopped:
                 remaining = deadline - self.clock.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or self.hurry != hurry:
                     return True
                 self.clock.wait(self.wake, remaining)
             return False
@@ -358,7 +455,7 @@ class RingBuffer:
         """Refuse new records and let the worker drain what is left."""
         with self.lock:
             self.closing = True
-            self.wake.notify_all()
+            self._hurry()
             self.progress.notify_all()
 
     def stop(self) -> None:

@@ -217,10 +217,15 @@ def _config(options: Dict[str, Any]) -> Config:
     try:
         return settings_from_kwargs(dict(options), os.environ)
     except ConfigurationError as exc:
-        flag = FLAGS.get(exc.option or "")
-        if flag and exc.option in options:
-            raise UsageError(f"{flag}: {exc}") from None
-        raise UsageError(str(exc)) from None
+        raise _bad_setting(exc, options) from None
+
+
+def _bad_setting(exc: ConfigurationError, options: Dict[str, Any]) -> UsageError:
+    """Bad usage naming the flag that gave the setting, if a flag did."""
+    flag = FLAGS.get(exc.option or "")
+    if flag and exc.option in options:
+        return UsageError(f"{flag}: {exc}")
+    return UsageError(str(exc))
 
 
 def _destination(config: Config, sink: Any) -> str:
@@ -242,7 +247,10 @@ def _send_one(
     from .client import DXTrack
 
     client = DXTrack()
-    config = client.configure(**options)
+    try:
+        config = client.configure(**options)
+    except ConfigurationError as exc:  # what only configure() checks: a profile that is not there
+        raise _bad_setting(exc, options) from None
     sink = client.sink
     try:
         client.metric(name, value, metadata=metadata)

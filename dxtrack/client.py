@@ -8,12 +8,13 @@ import threading
 import weakref
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
-from ._logging import RateLimitedLog, logger
+from ._logging import RateLimitedLog
 from ._version import __version__
-from .buffer import CLOSED, DROPPED
+from .buffer import CLOSED, DEFERRED, DROPPED
 from .clock import Clock, SystemClock
-from .config import Config, settings_from_kwargs
-from .env import unknown_variables
+from .config import Config, _snapshot, settings_from_kwargs
+from .env import unknown_variables, variable_for
+from .exceptions import ConfigurationError
 from .hooks import UnhandledCapture
 from .pipeline import Pipeline
 from .processes import (
@@ -76,6 +77,9 @@ class DXTrack:
         #: The pipeline the last close() closed: later calls return its verdict.
         self._closed_pipeline: Optional[Pipeline] = None
         self._refused: Dict[str, int] = {}
+        #: error()/errors() calls that could record nothing (``dropped["error_failed"]``).
+        #: A plain int, counted without a call: it may be counted with no stack left.
+        self._error_failures = 0
         self._log = RateLimitedLog()
         self._capture = UnhandledCapture(self)
         _clients.add(self)
@@ -109,13 +113,16 @@ class DXTrack:
             else:
                 message = "dxtrack: the environment variable %s names no dxtrack option; ignored"
             self._log.warning(f"unknown-variable:{variable}", message, variable)
+        if config.sink is None and config.stage != "test" and not config.aws_access_key_id:
+            _check_profile(config, from_environment=options.get("profile_name") is None)
         return self._use(config, publish=self._inherit)
 
     def _use(self, config: Config, publish: bool) -> Config:
+        builder = RecordBuilder(config)  # refuses default_metadata keys written as one
         pipeline = Pipeline(config, sink_for(config), self._clock, self._log)
         with self._lock:
             old = self._state
-            self._state = (RecordBuilder(config), pipeline)
+            self._state = (builder, pipeline)
             self._config = config
             self._closed = False
             self._closed_pipeline = None
@@ -142,6 +149,31 @@ class DXTrack:
         """The settings in use, or ``None`` before ``configure()``."""
         return self._config
 
+    # 0.6 kept these four as attributes; here they read the settings in use.
+    @property
+    def context(self) -> Optional[str]:
+        """The configured ``context``, or ``None`` before ``configure()``."""
+        return self._config.context if self._config is not None else None
+
+    @property
+    def stage(self) -> Optional[str]:
+        """The configured ``stage``, or ``None`` before ``configure()``."""
+        return self._config.stage if self._config is not None else None
+
+    @property
+    def run_id(self) -> Optional[str]:
+        """The configured ``run_id``, or ``None`` before ``configure()``."""
+        return self._config.run_id if self._config is not None else None
+
+    @property
+    def default_metadata(self) -> Optional[Dict[str, Any]]:
+        """A copy of the configured ``default_metadata``, or ``None`` before ``configure()``.
+
+        A deep copy: changing it changes nothing in the records.
+        """
+        config = self._config
+        return _snapshot(config.default_metadata) if config is not None else None
+
     @property
     def sink(self) -> Optional[Sink]:
         """The sink records go to (for tests and introspection), or ``None``."""
@@ -161,9 +193,11 @@ class DXTrack:
         :param name: a non-empty string, dotted by convention (``scrape.products``).
         :param value: anything ``float()`` accepts that is finite; stored as a float.
         :param metadata: merged over ``default_metadata`` (this call's keys win).
-        :param timestamp: a ``datetime`` (naive means UTC) or unix seconds; now by default.
-        :raises ValueError: for a bad name, value or timestamp.
-        :raises TypeError: for metadata that is not a dict.
+        :param timestamp: a ``datetime`` (naive means UTC) or unix seconds, from 1970 to
+            9999; now by default.
+        :raises ValueError: for a bad name, value or timestamp, or two metadata keys that
+            would be written as one JSON key (``1`` and ``"1"``).
+        :raises TypeError: for metadata that is not a dict, or a mapping that fails to read.
         """
         state = self._state
         if state is None:
@@ -174,7 +208,8 @@ class DXTrack:
         body = builder.metric(name, value, metadata, timestamp)
         seq = pipeline.put(METRIC, body, pipeline.metric_urgent)
         if seq <= 0:
-            self._after_refusal(METRIC, seq, [body])
+            if seq != DEFERRED:  # DEFERRED: taken from inside another record's append
+                self._after_refusal(METRIC, seq, [body])
         elif pipeline.metric_waits:
             pipeline.wait_for(METRIC, seq)
 
@@ -186,9 +221,14 @@ class DXTrack:
         """Record the exception being handled (or ``exception``), with its traceback.
 
         Never raises: it is meant for ``except`` blocks, where an exception of
-        its own would hide the application's. Problems are logged instead.
+        its own would hide the application's. Problems are logged instead, and
+        a record that could not be made is counted in
+        ``stats()["dropped"]["error_failed"]``.
         """
-        self._error(metadata, exception, wait=True)
+        try:
+            self._error(metadata, exception, wait=True)
+        except Exception:  # _error() could not even start: no stack left for its frame
+            self._error_failures += 1
 
     def _error(
         self, metadata: Optional[Mapping[str, Any]], exception: Optional[BaseException],
@@ -230,29 +270,66 @@ class DXTrack:
                 body = builder.error(exc, None)
             self._put_errors(pipeline, [body], wait)
         except Exception:
-            logger.exception("dxtrack.error() could not record the error")
+            # Maybe a few frames from the recursion limit, maybe a log handler that raises:
+            # count first, without a call, then log if even that works.
+            self._error_failures += 1
+            try:
+                self._log.error(
+                    "error-failed", "dxtrack.error() could not record the error", exc_info=True
+                )
+            except Exception:
+                pass  # counted above; nothing else is left to try
 
     def errors(
         self, exceptions: Iterable[BaseException], metadata: Optional[Mapping[str, Any]] = None
     ) -> None:
         """Record several exceptions at once, each with its traceback when it has one.
 
-        :raises TypeError: before anything is recorded, if an item is not an
-            exception or ``metadata`` is not a dict.
+        Raises only for its own bad arguments, before anything is recorded;
+        anything else that goes wrong is logged and counted, as for error().
+
+        :raises TypeError: if ``exceptions`` cannot be iterated over, an item
+            is not an exception, or ``metadata`` is not a dict (or a mapping
+            that cannot be read).
+        :raises ValueError: if two keys of ``metadata`` would be written as
+            the same JSON key (``1`` and ``"1"``).
         """
-        items = list(exceptions)
-        for item in items:
-            if not isinstance(item, BaseException):
-                raise TypeError(f"errors() takes exceptions, got {type(item).__name__}: {item!r}")
-        if metadata is not None and not isinstance(metadata, Mapping):
-            raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
-        state = self._state
-        if state is None:
-            state = self._unconfigured(ERROR, len(items))
+        lost = 1  # what a failure of this call costs, until the items are known
+        try:
+            try:
+                items = list(exceptions)
+            except (RecursionError, MemoryError):
+                raise  # no room left: not the argument's fault (counted below)
+            except Exception as exc:
+                raise TypeError(
+                    f"errors() could not iterate over its argument: {type(exc).__name__}: {exc}"
+                ) from exc
+            for item in items:
+                if not isinstance(item, BaseException):
+                    raise TypeError(
+                        f"errors() takes exceptions, got {type(item).__name__}: {item!r}"
+                    )
+            if metadata is not None and not isinstance(metadata, Mapping):
+                raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+            lost = len(items)
+            state = self._state
             if state is None:
-                return
-        builder, pipeline = state
-        self._put_errors(pipeline, [builder.error(exc, metadata) for exc in items])
+                state = self._unconfigured(ERROR, len(items))
+                if state is None:
+                    return
+            builder, pipeline = state
+            bodies = [builder.error(exc, metadata) for exc in items]  # metadata checked here too
+            self._put_errors(pipeline, bodies)
+        except (TypeError, ValueError):
+            raise  # a bad argument, found before anything was recorded
+        except Exception:  # as in _error(): count first, without a call, then log if possible
+            self._error_failures += lost
+            try:
+                self._log.error(
+                    "error-failed", "dxtrack.errors() could not record the errors", exc_info=True
+                )
+            except Exception:
+                pass  # counted above
 
     def _put_errors(self, pipeline: Pipeline, bodies: List[bytes], wait: bool = True) -> None:
         results = pipeline.put_errors(bodies, wait)
@@ -398,6 +475,8 @@ class DXTrack:
         with self._lock:
             pipelines = list(self._pipelines)
             total: Dict[str, Any] = {"dropped": dict(self._refused)}
+            if self._error_failures:
+                total["dropped"]["error_failed"] = self._error_failures
             _add(total, self._retired)
         for pipeline in pipelines:
             _add(total, pipeline.stats())
@@ -414,6 +493,40 @@ class DXTrack:
 
     def __repr__(self) -> str:
         return f"DXTrack({self._config!r})" if self._config else "DXTrack(not configured)"
+
+
+def _check_profile(config: Config, from_environment: bool) -> None:
+    """Refuse a ``profile_name`` that the AWS config files do not define.
+
+    boto3 would say so only when the worker first sends, and every record
+    would then fail while the job carries on. Only for the stages that send to
+    Firehose, and only when no explicit keys (which win over a profile) are given.
+
+    :raises ConfigurationError: naming the profile, the files and the profiles they define.
+    """
+    if config.profile_name is None:
+        return
+    import botocore.exceptions
+    import botocore.session
+
+    session = botocore.session.Session()
+    files = ", ".join(
+        os.path.expanduser(str(session.get_config_variable(name)))
+        for name in ("config_file", "credentials_file")
+    )
+    try:
+        known = session.available_profiles
+    except botocore.exceptions.BotoCoreError as exc:  # a file that does not parse
+        problem = f"could not be looked up in the AWS config files ({files}): {exc}"
+    else:
+        if config.profile_name in known:
+            return
+        names = ", ".join(repr(name) for name in sorted(known)[:20]) or "none"
+        problem = f"is not defined in the AWS config files ({files}); profiles there: {names}"
+    message = f"profile_name {config.profile_name!r} {problem}"
+    if from_environment:
+        message = f"{variable_for('profile_name')} (from the environment): {message}"
+    raise ConfigurationError(message, option="profile_name")
 
 
 def _add(total: Dict[str, Any], counts: Dict[str, Any]) -> None:

@@ -91,6 +91,8 @@ class Config:
     papertrail_hostport: Optional[str] = None
     #: Record (and flush) exceptions nobody caught, in the main thread and in threads.
     capture_unhandled: bool = False
+    #: In the main process, flush and exit with status 143 on a SIGTERM left at its default.
+    handle_sigterm: bool = True
     # Record format and stage 'test' output.
     timestamp_format: str = "unix"
     output_dir: str = "./.dxtrack_output"
@@ -143,7 +145,8 @@ class Config:
                 "aws_access_key_id and aws_secret_access_key must be given together",
                 option="aws_secret_access_key",
             )
-        for name in ("pack_records", "buffer_metrics", "use_async_requests", "capture_unhandled"):
+        for name in ("pack_records", "buffer_metrics", "use_async_requests", "capture_unhandled",
+                     "handle_sigterm"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigurationError(
                     f"{name} must be True or False, got {getattr(self, name)!r}", option=name

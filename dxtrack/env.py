@@ -79,6 +79,7 @@ ENV_OPTIONS: Dict[str, Callable[[str], Any]] = {
     "use_async_requests": _flag,
     "papertrail_hostport": _text,
     "capture_unhandled": _flag,
+    "handle_sigterm": _flag,
     "timestamp_format": _text,
     "output_dir": _text,
     "test_output": _text,

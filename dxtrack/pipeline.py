@@ -19,10 +19,15 @@ from .buffer import CLOSED, RingBuffer
 from .clock import Clock
 from .config import Config
 from .papertrail import PapertrailForwarder
-from .processes import block_signals_in_this_thread, prepare_process
+from .processes import (
+    block_signals_in_this_thread,
+    mark_exiting,
+    prepare_process,
+    release_sigterm,
+)
 from .records import ERROR
 from .sinks.base import Sink, sink_after_fork, sink_stats
-from .worker import Worker
+from .worker import Worker, in_delivery_thread
 
 __all__ = ["Pipeline"]
 
@@ -66,13 +71,22 @@ class Pipeline:
         self._close_lock = threading.Lock()
         with _live_lock:
             _live.add(self)
+        self._prepare_process()
+
+    def _prepare_process(self) -> None:
+        prepare_process(_close_all_at_exit, _exit_grace, self.config.handle_sigterm)
 
     # -- the caller's path ---------------------------------------------------
     def wait_for(self, stream: str, seq: int) -> bool:
-        """Block until record ``seq`` of ``stream`` is settled, at most ``sync_timeout``."""
-        if threading.current_thread() is self.worker_thread:
-            return False  # called back from the sink (a log handler, say): never wait on itself
-        return self.buffer.wait_settled({stream: seq}, self.config.sync_timeout)
+        """Block until record ``seq`` of ``stream`` is settled, at most ``sync_timeout``.
+
+        Not at all while the sink is failing (the record waits for its retries, the
+        caller goes on), nor from a delivery thread (a log handler called back from a
+        sink would wait for itself).
+        """
+        if in_delivery_thread():
+            return False
+        return self.buffer.wait_settled({stream: seq}, self.config.sync_timeout, in_outage=False)
 
     def put_errors(self, bodies: Sequence[bytes], wait: bool = True) -> List[int]:
         """Queue error bodies together, then wait once if the mode (and ``wait``) says so.
@@ -109,7 +123,7 @@ class Pipeline:
                 buffer.worker_running = False
                 self.worker_thread = None
                 return False
-        prepare_process(_close_all_at_exit, grace=_exit_grace)
+        self._prepare_process()
         return True
 
     def _run_worker(self, worker: Worker) -> None:
@@ -137,7 +151,7 @@ class Pipeline:
         same ``timeout``, but they are best effort: they never change the verdict.
         """
         forwarder = self.forwarder
-        if forwarder is None or threading.current_thread() is self.worker_thread:
+        if forwarder is None or in_delivery_thread():
             return self._flush_buffer(timeout)
         started = time.monotonic()
         ok = self._flush_buffer(timeout)
@@ -147,7 +161,7 @@ class Pipeline:
     def _flush_buffer(self, timeout: Optional[float]) -> bool:
         buffer = self.buffer
         checkpoint = buffer.request_flush()
-        if checkpoint.pending and threading.current_thread() is self.worker_thread:
+        if checkpoint.pending and in_delivery_thread():
             return False  # called back from the sink: the worker cannot wait for itself
         if checkpoint.pending:
             if not buffer.worker_running and not self._start_worker():
@@ -161,10 +175,13 @@ class Pipeline:
 
         Idempotent: later calls return the first call's verdict at once.
         """
-        with self._close_lock:
+        timeout = self.config.shutdown_timeout if timeout is None else timeout
+        # Bounded: another close holding the lock is itself bounded by its own timeout.
+        if not self._close_lock.acquire(timeout=timeout + 1.0):
+            return False
+        try:
             if self._closed_ok is not None:
                 return self._closed_ok
-            timeout = self.config.shutdown_timeout if timeout is None else timeout
             started = time.monotonic()
             ok = self.flush(timeout)
             self.buffer.close()
@@ -187,7 +204,12 @@ class Pipeline:
             self._closed_ok = ok
             with _live_lock:
                 _live.discard(self)
+                last = not _live
+            if last:
+                release_sigterm()
             return ok
+        finally:
+            self._close_lock.release()
 
     def _close_sink(self) -> None:
         try:
@@ -273,6 +295,7 @@ def _close_all_at_exit() -> None:
     pipelines = list(_live)
     if not pipelines:
         return
+    mark_exiting()
     deadline = time.monotonic() + max(p.config.shutdown_timeout for p in pipelines)
     for pipeline in pipelines:
         remaining = min(pipeline.config.shutdown_timeout, deadline - time.monotonic())

@@ -11,12 +11,17 @@ What dxtrack does so that records survive ``multiprocessing``:
   ``multiprocessing``'s own exit function does run the finalizers registered
   in the child. When a child sends its first record, dxtrack registers one
   that flushes, bounded by ``shutdown_timeout``.
-- **terminated pool workers**: ``with Pool() as pool:`` ends with
-  ``terminate()``, a SIGTERM to each worker. In a child process whose SIGTERM
-  is still the default, dxtrack installs a handler that raises ``SystemExit``
-  (status 143) so the process unwinds through that same exit function and
-  flushes; a second SIGTERM, or the bound passing, ends it at once. A handler
-  the user installed is left alone.
+- **SIGTERM**: ``with Pool() as pool:`` ends with ``terminate()``, a SIGTERM
+  to each worker; ``docker stop``, Kubernetes and systemd send one to the main
+  process. Where SIGTERM is still the default (and ``handle_sigterm`` is on),
+  dxtrack installs a handler that starts a non-daemon thread, which flushes
+  once the main thread has unwound, and raises ``SystemExit`` (status 143).
+  Interpreter exit and ``multiprocessing``'s child exit both join non-daemon
+  threads, so the flush happens even when the SIGTERM lands while
+  ``multiprocessing`` runs its finalizers (where the ``SystemExit`` aborts
+  those still to run, dxtrack's among them). A second SIGTERM, or the bound
+  passing, ends the process at once. A handler the user installed is left
+  alone; the default comes back when the last client closes.
 - **a SIGTERM the main thread has not acted on**: Python runs a handler only
   when the main thread runs bytecode again, and a pool worker's main thread
   can sleep forever in a C call that missed the signal (it landed between
@@ -64,7 +69,7 @@ from .config import Config
 
 __all__ = [
     "INHERIT_ENV", "block_signals_in_this_thread", "export_settings", "inherited_settings",
-    "prepare_process",
+    "mark_exiting", "prepare_process", "release_sigterm",
     "reserve_settings_path", "withdraw_settings",
 ]
 
@@ -120,7 +125,8 @@ def _in_fork_hook() -> bool:
 
 def _after_fork_in_child() -> None:
     # No logging here: the logging lock may have been held by another thread at fork time.
-    global _prepare_lock, _sigterm_seen, _wakeup, _inherited_wakeup, _fork_masks
+    global _prepare_lock, _sigterm_seen, _wakeup, _inherited_wakeup, _fork_masks, _exiting
+    _exiting = False
     saved = getattr(_fork_masks, "saved", None)
     _fork_masks = threading.local()
     if saved is not None:
@@ -179,37 +185,58 @@ def in_child_process() -> bool:
     return mp is not None and mp.parent_process() is not None
 
 
-def prepare_process(close_all: Callable[[], None], grace: Callable[[], float]) -> None:
-    """Make sure a child process flushes when it ends; cheap after the first call.
+def prepare_process(
+    close_all: Callable[[], None], grace: Callable[[], float], handle_sigterm: bool = True
+) -> None:
+    """Make sure this process flushes when it ends; cheap after the first call.
 
-    Called when a worker thread starts. ``close_all`` closes every live
-    pipeline within its own bounds; ``grace()``, asked when a SIGTERM comes,
-    bounds a terminated child's flush before it is ended hard. The main
-    process needs nothing: atexit runs.
+    Called when a pipeline is created and when its worker starts.
+    ``close_all`` closes every live pipeline within its own bounds;
+    ``grace()``, asked when a SIGTERM comes, bounds the flush before the
+    process is ended hard. In a child process, a ``multiprocessing``
+    finalizer flushes on the normal way out (atexit does not run there). In
+    any process, from its main thread and with ``handle_sigterm``, a SIGTERM
+    left at its default gets dxtrack's handler (see :class:`_UnwindOnSigterm`).
     """
     global _finalizer_pid, _handler_pid
     pid = os.getpid()
     on_main_thread = threading.current_thread() is threading.main_thread()
-    if _finalizer_pid == pid and (_handler_pid == pid or not on_main_thread):
+    if _finalizer_pid == pid and (
+        _handler_pid == pid or not on_main_thread or not handle_sigterm
+    ):
         return
-    if not in_child_process():
-        _finalizer_pid = _handler_pid = pid
-        return
+    child = in_child_process()
     with _prepare_lock:
         if _finalizer_pid != pid:
             _finalizer_pid = pid
-            from multiprocessing import util
+            if child:
+                from multiprocessing import util
 
-            def flush_at_child_exit() -> None:
-                global _exiting
-                _exiting = True
-                close_all()
-                _remove_settings_file(pid)  # published by a configure() in this child
+                def flush_at_child_exit() -> None:
+                    mark_exiting()
+                    close_all()
+                    _remove_settings_file(pid)  # published by a configure() in this child
 
-            util.Finalize(None, flush_at_child_exit, exitpriority=100)
-        if _handler_pid != pid and on_main_thread:
+                util.Finalize(None, flush_at_child_exit, exitpriority=100)
+        if _handler_pid != pid and on_main_thread and handle_sigterm:
             _handler_pid = pid
-            _install_sigterm_handler(grace, close_all)
+            _install_sigterm_handler(grace, close_all, watch=child)
+
+
+def mark_exiting() -> None:
+    """The process is on its way out and flushing: a SIGTERM now changes nothing."""
+    global _exiting
+    _exiting = True
+
+
+def release_sigterm() -> None:
+    """Give SIGTERM back its default once no client is left to flush (main thread only)."""
+    global _handler_pid
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if isinstance(_current_sigterm_handler(), _UnwindOnSigterm):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _handler_pid = None
 
 
 #: Signals a program may handle; dxtrack's threads never take them (see below).
@@ -234,7 +261,17 @@ def block_signals_in_this_thread() -> None:
 
 
 class _UnwindOnSigterm:
-    """dxtrack's SIGTERM handler; a class, so a forked child knows an inherited one as ours."""
+    """dxtrack's SIGTERM handler; a class, so a forked child knows an inherited one as ours.
+
+    It starts a thread that flushes, then raises ``SystemExit(143)`` so the
+    main thread unwinds (``finally`` blocks run and may still record). The
+    thread waits for the main thread to finish unwinding, at most half the
+    grace, then closes every client. It is not a daemon: interpreter exit,
+    and a ``multiprocessing`` child's exit, join it, so the flush does not
+    depend on a finalizer chain that a signal can cut short (a SIGTERM that
+    lands while ``multiprocessing`` runs its finalizers aborts the rest of
+    them). A watchdog ends the process after the grace, whatever happens.
+    """
 
     def __init__(self, grace: Callable[[], float], close_all: Callable[[], None]) -> None:
         self.grace = grace
@@ -245,36 +282,54 @@ class _UnwindOnSigterm:
         if _exiting:
             return  # already flushing at exit: let it finish within its bound
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
-        watchdog = threading.Timer(self.grace(), os._exit, args=(SIGTERM_STATUS,))
+        grace = self.grace()
+        watchdog = threading.Timer(grace, os._exit, args=(SIGTERM_STATUS,))
         watchdog.daemon = True
-        watchdog.start()
-        if _in_fork_hook():
-            # Held back during a fork and run inside the fork hook, which would swallow
-            # SystemExit: flush from a thread and end the process from there instead.
-            threading.Thread(target=self._flush_and_end, name="dxtrack-sigterm-exit",
-                             daemon=True).start()
-            return
-        raise SystemExit(SIGTERM_STATUS)
+        # Held back during a fork, this runs inside the fork hook, which would swallow
+        # SystemExit: then the thread flushes at once and ends the process itself.
+        in_fork_hook = _in_fork_hook()
+        flusher = threading.Thread(
+            target=self._flush_and_end, args=(0.0 if in_fork_hook else grace / 2,),
+            name="dxtrack-sigterm-exit",
+        )
+        try:
+            watchdog.start()
+            flusher.start()
+        except RuntimeError:  # pragma: no cover - no new threads at interpreter exit
+            pass
+        if not in_fork_hook:
+            raise SystemExit(SIGTERM_STATUS)
 
-    def _flush_and_end(self) -> None:
+    def _flush_and_end(self, unwind: float) -> None:
+        main = threading.main_thread()
+        if unwind:
+            main.join(unwind)
         try:
             self.close_all()
         finally:
-            os._exit(SIGTERM_STATUS)
+            if main.is_alive():  # the program kept going, or a fork hook: end it as SIGTERM would
+                os._exit(SIGTERM_STATUS)
 
 
 def _wake(signum: int, frame: Any) -> None:
     """dxtrack's SIGURG handler: doing nothing is the point (see the module docstring)."""
 
 
-def _install_sigterm_handler(grace: Callable[[], float], close_all: Callable[[], None]) -> None:
-    """Only from the main thread, the one place Python lets a handler be set."""
+def _install_sigterm_handler(
+    grace: Callable[[], float], close_all: Callable[[], None], watch: bool
+) -> None:
+    """Only from the main thread, the one place Python lets a handler be set.
+
+    ``watch``: in a child process, also start the watcher that wakes a main
+    thread which missed the signal (a pool worker asleep on its task queue).
+    """
     current = _current_sigterm_handler()
     if current is not signal.SIG_DFL and not isinstance(current, _UnwindOnSigterm):
         return  # the user's (or a framework's) handler, or none to be had: leave it alone
     handler = _UnwindOnSigterm(grace, close_all)
     signal.signal(signal.SIGTERM, handler)
-    _start_watcher(handler)
+    if watch:
+        _start_watcher(handler)
 
 
 def _start_watcher(handler: _UnwindOnSigterm) -> None:

@@ -27,6 +27,7 @@ from typing import Any, Dict, Mapping, Optional
 import orjson
 
 from .config import FIREHOSE_MAX_RECORD_BYTES, Config
+from .exceptions import ConfigurationError
 
 __all__ = ["ERROR", "METRIC", "ID_OVERHEAD", "RecordBuilder", "finalize"]
 
@@ -41,6 +42,8 @@ MAX_BODY_BYTES = FIREHOSE_MAX_RECORD_BYTES - ID_OVERHEAD + 1
 _DATETIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 _UTC = _dt.timezone.utc
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_UTC)
+#: Timestamps are refused from this many unix seconds on: 10000-01-01T00:00:00Z.
+_END_OF_9999 = 253_402_300_800.0
 _CUT_MARK = "\n[... {} characters cut by dxtrack to fit the Firehose record limit ...]\n"
 
 _dumps = orjson.dumps
@@ -68,6 +71,15 @@ class RecordBuilder:
         self._run_id = config.run_id
         self._default: Dict[str, Any] = dict(config.default_metadata)
         self._datetime_format = config.timestamp_format == "datetime"
+        try:
+            _dumps(self._default)
+        except TypeError:  # keys that are not str: refuse two written as one, once, here
+            try:
+                _serialize_leniently(self._default, check_keys=self._default)
+            except ValueError as exc:
+                raise ConfigurationError(
+                    f"default_metadata: {exc}", option="default_metadata"
+                ) from None
 
     # -- metrics -----------------------------------------------------------
     def metric(
@@ -100,8 +112,8 @@ class RecordBuilder:
         }
         try:
             body = _dumps(record)
-        except TypeError:
-            body = _serialize_leniently(record)  # the plain attempt just failed
+        except TypeError:  # a key that is not a str, or a value orjson does not know
+            body = _serialize_leniently(record, check_keys=record["metadata"])  # plain just failed
         if len(body) > MAX_BODY_BYTES:
             raise ValueError(
                 f"metric {name!r} serializes to {len(body) + ID_OVERHEAD - 1:,} bytes, over the "
@@ -124,7 +136,10 @@ class RecordBuilder:
             "timestamp": self._timestamp(None),
             "run_id": self._run_id,
         }
-        body = _serialize(record)
+        try:
+            body = _dumps(record)
+        except TypeError:
+            body = _serialize_leniently(record, check_keys=record["metadata"])
         if len(body) > MAX_BODY_BYTES:
             body = _shrink_error(record, len(body) - MAX_BODY_BYTES)
         return body[:-1]
@@ -135,30 +150,42 @@ class RecordBuilder:
             return self._default
         if type(metadata) is not dict and not isinstance(metadata, _Mapping):
             raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
-        if not self._default:
-            # Serialized right away, never kept. Other mappings become dicts, which orjson
-            # writes as objects (it would str() a MappingProxyType or a custom Mapping).
-            return metadata if type(metadata) is dict else dict(metadata)
-        merged = dict(self._default)
-        merged.update(metadata)
-        return merged
+        if not self._default and type(metadata) is dict:
+            return metadata  # serialized right away, never kept: orjson reads the dict itself
+        try:
+            # Other mappings become dicts, which orjson writes as objects (it would str() a
+            # MappingProxyType or a custom Mapping).
+            if not self._default:
+                return dict(metadata)
+            merged = dict(self._default)
+            merged.update(metadata)
+            return merged
+        except (RecursionError, MemoryError):
+            raise  # no room left: not the mapping's fault
+        except Exception as exc:  # a lazy or remote mapping, a __getitem__ that raises
+            raise TypeError(
+                f"metadata could not be read: {type(metadata).__name__} raised "
+                f"{type(exc).__name__}: {_safe_repr(exc)}"
+            ) from exc
 
     def _timestamp(self, timestamp: Any) -> Any:
         if timestamp is None:
             seconds = _time()
-        elif isinstance(timestamp, _dt.datetime):
-            if timestamp.tzinfo is None:
-                timestamp = timestamp.replace(tzinfo=_UTC)
-            seconds = (timestamp - _EPOCH).total_seconds()
-        elif isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool):
-            try:
-                seconds = float(timestamp)
-            except OverflowError:  # an int beyond float range
-                raise _bad_timestamp(timestamp) from None
-            if not _isfinite(seconds):
-                raise _bad_timestamp(timestamp)
         else:
-            raise _bad_timestamp(timestamp)
+            if isinstance(timestamp, _dt.datetime):
+                utc = timestamp if timestamp.tzinfo is not None else timestamp.replace(tzinfo=_UTC)
+                seconds = (utc - _EPOCH).total_seconds()
+            elif isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool):
+                try:
+                    seconds = float(timestamp)
+                except OverflowError:  # an int beyond float range
+                    raise _outside_the_years(timestamp) from None
+                if not _isfinite(seconds):
+                    raise _bad_timestamp(timestamp)
+            else:
+                raise _bad_timestamp(timestamp)
+            if not 0.0 <= seconds < _END_OF_9999:
+                raise _outside_the_years(timestamp)
         if self._datetime_format:
             try:
                 return (_EPOCH + _dt.timedelta(seconds=seconds)).strftime(_DATETIME_FORMAT)
@@ -170,6 +197,13 @@ class RecordBuilder:
 def _bad_timestamp(timestamp: Any) -> ValueError:
     return ValueError(
         f"timestamp must be a datetime or unix seconds (int or float), got {_shown(timestamp)}"
+    )
+
+
+def _outside_the_years(timestamp: Any) -> ValueError:
+    return ValueError(
+        "timestamp must be from 1970 to 9999 (UTC): unix seconds from 0 up to 253402300800, "
+        f"or a datetime in those years, got {_shown(timestamp)}"
     )
 
 
@@ -197,19 +231,71 @@ def _safe_str(exc: BaseException) -> str:
 
 
 def _serialize(record: Dict[str, Any]) -> bytes:
+    """``record`` as JSON, its keys not checked again (see :func:`_serialize_leniently`)."""
     try:
         return _dumps(record)
     except TypeError:
         return _serialize_leniently(record)
 
 
-def _serialize_leniently(record: Dict[str, Any]) -> bytes:
-    """What plain ``orjson.dumps`` refused: unknown values as ``str()``, then value by value."""
+def _serialize_leniently(record: Dict[str, Any], check_keys: Any = None) -> bytes:
+    """What plain ``orjson.dumps`` refused: unknown values as ``str()``, then value by value.
+
+    Keys that are not strings are written as text here, so two keys can come
+    out as one (``1`` and ``"1"``) and a reader would keep only one of them:
+    ``check_keys`` (the caller's metadata, inside ``record``) is looked at for
+    that. The value-by-value path checks every mapping as it goes.
+
+    :raises ValueError: naming such a key.
+    """
     try:
-        return _dumps(record, default=str, option=orjson.OPT_NON_STR_KEYS)
+        body = _dumps(record, default=str, option=orjson.OPT_NON_STR_KEYS)
     except TypeError:
         # Integers beyond 64 bits, recursion too deep, str() that fails: go value by value.
         return _dumps(_plain(record, 0))
+    if check_keys is not None:
+        _refuse_keys_written_as_one(check_keys, 0)
+    return body
+
+
+def _refuse_keys_written_as_one(value: Any, depth: int) -> None:
+    """Raise ValueError if two keys of a dict in ``value`` are written as the same text.
+
+    Only a dict with a key that is not a str needs a look: its keys are
+    written by orjson exactly as the record's were, and read back.
+    """
+    if depth > 255:  # orjson writes no deeper
+        return
+    if isinstance(value, dict):
+        for key in value:
+            if type(key) is not str:
+                keys = dict.fromkeys(value)
+                if len(orjson.loads(_dumps(keys, option=orjson.OPT_NON_STR_KEYS))) < len(keys):
+                    seen = set()
+                    for key in keys:
+                        text = next(iter(orjson.loads(
+                            _dumps({key: None}, option=orjson.OPT_NON_STR_KEYS)
+                        )))
+                        if text in seen:
+                            raise _repeated_key(text)
+                        seen.add(text)
+                break
+        items: Any = value.values()
+    elif isinstance(value, (list, tuple)):
+        items = value
+    else:
+        return
+    for item in items:
+        if isinstance(item, (dict, list, tuple)):  # scalars need no call
+            _refuse_keys_written_as_one(item, depth + 1)
+
+
+def _repeated_key(key: str) -> ValueError:
+    return ValueError(
+        f"metadata has two keys that are both written as {key!r}: a key that is not a str is "
+        "written as its text (1 as '1'), and a reader would keep only one of them; rename or "
+        "drop one"
+    )
 
 
 def _plain(value: Any, depth: int) -> Any:
@@ -217,7 +303,13 @@ def _plain(value: Any, depth: int) -> Any:
     if depth > 64:
         return _safe_repr(value)
     if isinstance(value, _Mapping):
-        return {_safe_repr(key): _plain(item, depth + 1) for key, item in value.items()}
+        plain: Dict[str, Any] = {}
+        for key, item in value.items():
+            text = _safe_repr(key)
+            if text in plain:  # a dict would keep one of the two silently
+                raise _repeated_key(text)
+            plain[text] = _plain(item, depth + 1)
+        return plain
     if isinstance(value, (list, tuple)):
         return [_plain(item, depth + 1) for item in value]
     try:

@@ -3,26 +3,53 @@
 One worker per client per process. It takes a batch, adds the ids, hands the
 lines to the sink, and retries what the sink could not deliver with capped
 exponential backoff and full jitter until ``retry_deadline`` has passed since
-the first failed attempt; then the rest count as failed. Nothing it meets is
-ever raised into the application.
+the first failed attempt; then the rest count as failed. A flush or close ends
+a backoff at once. Nothing it meets is ever raised into the application.
+
+A sink that talks to the network (``blocking_io = True``) sends from a thread
+of its own, so that the worker can give up on one attempt when the time left
+to its batch runs out (or the sink's ``attempt_timeout``), however slowly the
+other end answers: the attempt is
+abandoned (its thread ends when the call does), the sink is told to drop its
+connection, and the lines are retried or counted as failed.
 """
 
 from __future__ import annotations
 
+import os
+import queue
 import random
+import threading
 import time
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from ._logging import RateLimitedLog
 from .buffer import RingBuffer
-from .records import finalize
+from .processes import block_signals_in_this_thread
+from .records import ERROR, finalize
 from .sinks.base import DELIVERED, SendResult, Sink
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "in_delivery_thread", "quantity"]
 
 #: First backoff ceiling, seconds; doubles per attempt up to :data:`BACKOFF_CAP`.
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 10.0
+#: An attempt is never cut shorter than this, so a slow but healthy endpoint still answers.
+MIN_ATTEMPT = 1.0
+
+_thread_role = threading.local()
+
+
+def in_delivery_thread() -> bool:
+    """Whether this thread is one of dxtrack's senders: such a thread never waits for
+    delivery (it would wait for itself)."""
+    return getattr(_thread_role, "delivery", False)
+
+
+def quantity(count: int, stream: str) -> str:
+    """``1 metric``, ``1,204 errors``: what the user counts, as ``stats()`` does."""
+    noun = "error" if stream == ERROR else "metric"
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 class Worker:
@@ -45,9 +72,14 @@ class Worker:
         self.backoff_base = BACKOFF_BASE if backoff_base is None else backoff_base
         self.backoff_cap = BACKOFF_CAP if backoff_cap is None else backoff_cap
         self.log = log
+        self.sender = _Sender(sink) if getattr(sink, "blocking_io", False) else None
+        #: An attempt longer than this is abandoned even with time left, to leave room to retry.
+        self.attempt_cap: float = getattr(sink, "attempt_timeout", None) or retry_deadline
+        self.lost: Dict[str, int] = {}
 
     def run(self, deadline: Optional[float] = None) -> None:
         """Send batches until stopped; with a ``deadline`` (monotonic), none after it."""
+        _thread_role.delivery = True
         try:
             while deadline is None or time.monotonic() < deadline:
                 work = self.buffer.take()
@@ -56,54 +88,118 @@ class Worker:
                 self.deliver(*work)
         except BaseException:  # pragma: no cover - the last line of defence
             self.log.error("worker-crash", "dxtrack worker stopped unexpectedly", exc_info=True)
+        finally:
+            _thread_role.delivery = False
 
     def deliver(self, stream: str, bodies: List[bytes], first: int) -> None:
         """Send one batch until it is delivered, failed, or the client stops."""
-        clock = self.buffer.clock
+        buffer = self.buffer
+        clock = buffer.clock
         pending: Sequence[bytes] = [finalize(body) for body in bodies]
         delivered = failed = attempt = 0
         started = None
         try:
             while pending:
-                result = self._attempt(stream, pending)
+                hurry = buffer.hurry  # a flush or close from now on cuts the backoff short
+                left = self.retry_deadline if started is None else (
+                    started + self.retry_deadline - clock.monotonic()
+                )
+                result = self._attempt(stream, pending, max(min(left, self.attempt_cap),
+                                                            MIN_ATTEMPT))
+                sent = len(pending) - len(result.retry) - result.failed
+                delivered += sent
                 failed += result.failed
-                delivered += len(pending) - len(result.retry) - result.failed
+                buffer.report_attempt(stream, sent > 0)
                 if result.failed:
-                    self.log.error(
-                        f"failed:{stream}:{result.error}",
-                        "dxtrack could not deliver %d %s record(s): %s",
-                        result.failed, stream, result.error,
-                    )
+                    self._lost(stream, result.failed, result.error or "refused")
                 pending = result.retry
                 if not pending:
                     break
                 now = clock.monotonic()
                 started = now if started is None else started
                 left = started + self.retry_deadline - now
-                if left > 0 and not self.buffer.stopped:
+                if left > 0 and not buffer.stopped:
                     self.log.warning(
-                        f"retry:{stream}", "dxtrack will retry %d %s record(s): %s",
-                        len(pending), stream, result.error,
+                        f"retry:{stream}", "dxtrack will retry %s: %s",
+                        quantity(len(pending), stream), result.error,
                     )
                     ceiling = min(self.backoff_cap, self.backoff_base * (2 ** min(attempt, 30)))
                     attempt += 1
                     delay = min(random.uniform(0.0, ceiling), left)
-                    if self.buffer.wait_backoff(delay, len(pending)):
+                    if buffer.wait_backoff(delay, len(pending), hurry):
                         continue
                 why = "retry_deadline passed" if left <= 0 else "the client stopped"
-                self.log.error(
-                    f"gave-up:{stream}", "dxtrack gave up on %d %s record(s) (%s): %s",
-                    len(pending), stream, why, result.error,
-                )
                 failed += len(pending)
+                self._lost(stream, len(pending), f"gave up ({why}): {result.error}")
                 pending = ()
         finally:
             # Anything still pending here means an unexpected exception: count it lost.
-            self.buffer.settle(stream, first, delivered, failed + len(pending))
+            buffer.settle(stream, first, delivered, failed + len(pending))
 
-    def _attempt(self, stream: str, lines: Sequence[bytes]) -> SendResult:
+    def _lost(self, stream: str, count: int, why: str) -> None:
+        total = self.lost[stream] = self.lost.get(stream, 0) + count
+        self.log.error(
+            f"lost:{stream}", "dxtrack could not deliver %s (%s in all so far): %s",
+            quantity(count, stream), f"{total:,}", why,
+        )
+
+    def _attempt(self, stream: str, lines: Sequence[bytes], bound: float) -> SendResult:
+        if self.sender is not None:
+            return self.sender.send(stream, lines, bound)
+        return _send_once(self.sink, stream, lines)
+
+
+def _send_once(sink: Sink, stream: str, lines: Sequence[bytes]) -> SendResult:
+    try:
+        result = sink.send(stream, lines)
+    except Exception as exc:
+        return SendResult(retry=lines, error=f"{type(exc).__name__}: {exc}")
+    return DELIVERED if result is None else result
+
+
+class _Sender:
+    """Runs a blocking sink's ``send`` in a thread the worker can walk away from."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.requests: Optional[queue.SimpleQueue[Any]] = None
+        self.pid = 0
+
+    def send(self, stream: str, lines: Sequence[bytes], bound: float) -> SendResult:
+        requests = self.requests
+        if requests is None or self.pid != os.getpid():
+            try:
+                requests = self._start()
+            except RuntimeError:  # no new threads at interpreter shutdown: send from here
+                return _send_once(self.sink, stream, lines)
+        reply: queue.SimpleQueue[SendResult] = queue.SimpleQueue()
+        requests.put((stream, lines, reply))
         try:
-            result = self.sink.send(stream, lines)
-        except Exception as exc:
-            return SendResult(retry=lines, error=f"{type(exc).__name__}: {exc}")
-        return DELIVERED if result is None else result
+            return reply.get(timeout=bound)
+        except queue.Empty:
+            requests.put(None)  # that thread ends once its call returns; its answer is dropped
+            self.requests = None
+            drop = getattr(self.sink, "drop_connection", None)
+            if callable(drop):
+                drop()
+            return SendResult(retry=lines, error=(
+                f"no answer within {bound:.1f} s; the attempt was abandoned (it may still "
+                "have been delivered)"
+            ))
+
+    def _start(self) -> queue.SimpleQueue[Any]:
+        requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+        def serve() -> None:
+            block_signals_in_this_thread()
+            _thread_role.delivery = True
+            while True:
+                work = requests.get()
+                if work is None:
+                    return
+                stream, lines, reply = work
+                reply.put(_send_once(self.sink, stream, lines))
+
+        threading.Thread(target=serve, name="dxtrack-sender", daemon=True).start()
+        self.requests, self.pid = requests, os.getpid()
+        return requests

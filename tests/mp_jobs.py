@@ -231,3 +231,19 @@ def reconfigure_longer_then_wait(ready: Any, path: str, metrics: int) -> None:
         dxtrack.metric("mp.slow", i)
     ready.set()
     threading.Event().wait(60)
+
+
+def sigterm_while_finalizers_run(output_dir: str, metrics: int) -> None:
+    """Record buffered metrics, then arrange a SIGTERM while ``multiprocessing`` runs its
+    exit finalizers, before dxtrack's (a higher exit priority runs first): the moment
+    ``Pool.terminate()`` hits in practice when a worker is already on its way out."""
+    import multiprocessing.util
+    import signal
+
+    dxtrack.configure(stage="test", context="c", run_id="r", output_dir=output_dir,
+                      buffer_metrics=True, flush_interval=3600, shutdown_timeout=5)
+    for i in range(metrics):
+        dxtrack.metric("mp.finalizers", i)
+    multiprocessing.util.Finalize(
+        None, os.kill, args=(os.getpid(), signal.SIGTERM), exitpriority=200
+    )

@@ -115,7 +115,7 @@ class TestMetric:
         assert "'rows'" in line and "not be delivered" in line
         assert "'dxtrack-metric-input-prod'" in line and f"'{REGION}'" in line
         # dxtrack's own log line, with the service's reason, stays visible
-        assert "ERROR dxtrack: dxtrack could not deliver 1 metric record(s)" in result.err
+        assert "ERROR dxtrack: dxtrack could not deliver 1 metric (" in result.err
         assert "ResourceNotFoundException" in result.err
         assert landing.lines("metric") == []
 
@@ -181,6 +181,10 @@ BAD_USAGE: List[Any] = [
     pytest.param(["metric", "rows", "1", *DEV], {"DXTRACK_ENDPOINT_URL": "localhost 4566"},
                  ["DXTRACK_ENDPOINT_URL", "'localhost 4566'", "must be a URL"],
                  id="malformed-endpoint-url"),
+    pytest.param(["metric", "rows", "1", *DEV, "--profile", "nosuch"], {},
+                 ["--profile", "'nosuch'", "is not"], id="profile-that-does-not-exist"),
+    pytest.param(["metric", "rows", "1", *DEV], {"DXTRACK_PROFILE_NAME": "nosuch"},
+                 ["DXTRACK_PROFILE_NAME", "'nosuch'"], id="profile-from-environment"),
     pytest.param(["check", "--stage", "prod", "--region", "eu west 1"], {},
                  ["--region", "'eu west 1'"], id="malformed-region"),
     pytest.param(["metric", "rows", "1", *DEV, "surplus"], {}, ["unrecognized", "surplus"],

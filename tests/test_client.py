@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import re
@@ -131,6 +132,45 @@ class TestPublicSurface:
         assert 'raise ValueError("boom")' in error["exception"]["traceback"]
 
 
+class TestSettingsReadLikeIn06:
+    """context, stage, run_id and default_metadata are read-only properties, as 0.6 had them."""
+
+    def test_none_before_configure(self) -> None:
+        client = DXTrack()
+        assert (client.context, client.stage, client.run_id, client.default_metadata) == (
+            None, None, None, None,
+        )
+
+    def test_the_configured_values(self, make_client: MakeClient) -> None:
+        client = make_client(context="shop-scraper", run_id="2026-11-27", stage="test",
+                             default_metadata={"host": "w3"}, sink=MemorySink())
+        assert (client.context, client.stage, client.run_id) == (
+            "shop-scraper", "test", "2026-11-27",
+        )
+        assert client.default_metadata == {"host": "w3"}
+        client.configure(stage="test", context="other", run_id="2", sink=MemorySink())
+        assert (client.context, client.run_id, client.default_metadata) == ("other", "2", {})
+
+    @pytest.mark.parametrize("name", ["context", "stage", "run_id", "default_metadata"])
+    def test_read_only(self, make_client: MakeClient, name: str) -> None:
+        client = make_client(sink=MemorySink())
+        with pytest.raises(AttributeError):
+            setattr(client, name, "changed")
+
+    def test_changing_what_default_metadata_returns_changes_nothing(
+        self, make_client: MakeClient
+    ) -> None:
+        sink = MemorySink()
+        client = make_client(default_metadata={"host": "w3", "tags": ["a"]}, sink=sink)
+        given = client.default_metadata
+        assert given is not None
+        given["host"] = "w4"
+        given["tags"].append("b")
+        client.metric("rows", 1)
+        assert sink.records("metric")[0]["metadata"] == {"host": "w3", "tags": ["a"]}
+        assert client.default_metadata == {"host": "w3", "tags": ["a"]}
+
+
 class TestMetricCall:
     """metric() records one metric, or raises at the call for bad input and records nothing."""
 
@@ -174,6 +214,41 @@ class TestMetricCall:
         client, _ = memory
         with pytest.raises(TypeError, match="metadata must be a dict"):
             client.metric("rows", 1, metadata=["shop"])
+        assert client.stats()["enqueued"] == 0
+
+    def test_keys_written_as_one_are_a_value_error_naming_it(self, make_client: MakeClient) -> None:
+        sink = MemorySink()
+        client = make_client(sink=sink, default_metadata={"2": "default"})
+        for metadata, key in (({1: "a", "1": "b"}, "'1'"), ({2: "call"}, "'2'")):
+            with pytest.raises(ValueError, match=f"two keys that are both written as {key}"):
+                client.metric("rows", 1, metadata=metadata)
+        client.metric("rows", 1, metadata={1: "a"})  # no collision: written as "1"
+        assert [r["metadata"] for r in sink.records("metric")] == [{"2": "default", "1": "a"}]
+
+    def test_a_mapping_that_fails_to_read_is_a_type_error(self, memory: Any) -> None:
+        class Lazy(Mapping):  # type: ignore[type-arg]
+            def __getitem__(self, key: Any) -> Any:
+                raise ConnectionError("the remote side is gone")
+
+            def __iter__(self) -> Iterator[Any]:
+                return iter(["shop"])
+
+            def __len__(self) -> int:
+                return 1
+
+        client, _ = memory
+        with pytest.raises(TypeError, match="metadata could not be read: Lazy raised") as info:
+            client.metric("rows", 1, metadata=Lazy())
+        assert isinstance(info.value.__cause__, ConnectionError)
+        assert client.stats()["enqueued"] == 0
+
+    @pytest.mark.parametrize("timestamp", [1e300, -1, dt.datetime(1969, 7, 20)], ids=repr)
+    def test_a_timestamp_outside_1970_to_9999_is_a_value_error(
+        self, memory: Any, timestamp: Any
+    ) -> None:
+        client, _ = memory
+        with pytest.raises(ValueError, match="timestamp must be from 1970 to 9999"):
+            client.metric("rows", 1, timestamp=timestamp)
         assert client.stats()["enqueued"] == 0
 
     def test_too_large_is_a_value_error(self, memory: Any) -> None:
@@ -281,6 +356,19 @@ class TestErrorCall:
         assert (record["exception"]["value"], record["metadata"]) == ("app failure", {})
         assert any("recorded without it" in w for w in warnings_logged(caplog_dxtrack))
 
+    def test_metadata_with_keys_written_as_one_is_left_out(
+        self, memory: Any, caplog_dxtrack: pytest.LogCaptureFixture
+    ) -> None:
+        client, sink = memory
+        try:
+            raise ValueError("app failure")
+        except ValueError:
+            client.error(metadata={1: "a", "1": "b"})
+        [record] = sink.records("error")
+        assert (record["exception"]["value"], record["metadata"]) == ("app failure", {})
+        [warning] = warnings_logged(caplog_dxtrack)
+        assert "both written as '1'" in warning and "recorded without it" in warning
+
     def test_unserializable_metadata_is_written_as_str(self, memory: Any) -> None:
         client, sink = memory
         try:
@@ -335,10 +423,167 @@ class TestErrorsCall:
             client.errors([ValueError("x")], metadata="shop=a")  # type: ignore[arg-type]
         assert client.stats()["enqueued"] == 0
 
+    def test_metadata_with_keys_written_as_one_is_a_value_error(self, memory: Any) -> None:
+        client, sink = memory
+        with pytest.raises(ValueError, match="both written as '1'"):
+            client.errors([ValueError("a"), ValueError("b")], metadata={1: "a", "1": "b"})
+        assert client.stats()["enqueued"] == 0
+
+    def test_metadata_that_fails_to_read_is_a_type_error(self, memory: Any) -> None:
+        class Gone(Mapping):  # type: ignore[type-arg]
+            def __getitem__(self, key: Any) -> Any:
+                raise ConnectionError("gone")
+
+            def __iter__(self) -> Iterator[Any]:
+                raise ConnectionError("gone")
+
+            def __len__(self) -> int:
+                return 1
+
+        client, _ = memory
+        with pytest.raises(TypeError, match="metadata could not be read"):
+            client.errors([ValueError("a")], metadata=Gone())
+        assert client.stats()["enqueued"] == 0
+
     def test_empty_records_nothing(self, memory: Any) -> None:
         client, sink = memory
         client.errors([])
         assert client.stats()["enqueued"] == 0 and sink.sends == 0
+
+
+#: Run in a fresh interpreter by TestErrorNeverRaises: error() and errors() at every depth from
+#: comfortable to the recursion limit. It prints one JSON object: the outcome at each depth,
+#: the lines written and what stats() counted.
+NEAR_THE_RECURSION_LIMIT = """
+import json, sys
+from dxtrack import DXTrack
+
+SPAN = 160
+client = DXTrack()
+client.configure(stage="test", context="deep", run_id="1", output_dir=sys.argv[1],
+                 use_async_requests=True, default_metadata={"host": "w3"})
+APP_FAILURE = LookupError("the application's own failure")  # made here: no call at depth
+ITEMS = [APP_FAILURE]
+META = {"shop": "a"}
+
+def at_depth(n, many):
+    if n:
+        return at_depth(n - 1, many)
+    try:
+        raise APP_FAILURE
+    except LookupError:
+        try:
+            if many:
+                client.errors(ITEMS, META)
+            else:
+                client.error(metadata=META)
+        except BaseException as escaped:
+            return escaped
+    return None
+
+outcomes = {"error": [], "errors": []}
+start = len(__import__("inspect").stack())
+sys.setrecursionlimit(start + SPAN)
+for kind in outcomes:
+    for n in range(SPAN + 5):
+        try:
+            escaped = at_depth(n, kind == "errors")
+        except RecursionError:
+            outcomes[kind].append("unreachable")  # at_depth itself ran out of stack
+            continue
+        if escaped is None:
+            outcomes[kind].append("returned")
+        elif escaped.__traceback__.tb_next is None:
+            outcomes[kind].append("raised at the call")  # no frame of dxtrack's ever ran
+        else:
+            frames = []
+            tb = escaped.__traceback__
+            while tb is not None:
+                frames.append(tb.tb_frame.f_code.co_name)
+                tb = tb.tb_next
+            outcomes[kind].append(f"{type(escaped).__name__} from {frames}")
+sys.setrecursionlimit(1000)
+flushed = client.flush(timeout=30)
+with open(sys.argv[1] + "/error.jsonl") as f:
+    lines = f.read().splitlines()
+print(json.dumps({"outcomes": outcomes, "flushed": flushed, "lines": len(lines),
+                  "dropped": client.stats()["dropped"]}))
+"""
+
+
+class TestErrorNeverRaises:
+    """error() returns normally whatever the stack depth, the exception or the metadata.
+
+    What it cannot record it counts in ``stats()["dropped"]["error_failed"]``;
+    errors() raises only for its own bad arguments.
+    """
+
+    def test_at_every_depth_up_to_the_recursion_limit(self, tmp_path: Path) -> None:
+        """error() and errors() at each depth from comfortable to the recursion limit.
+
+        The script runs in its own interpreter, with the limit set just above
+        its starting depth, so every run meets the same limit at the same
+        frames. A RecursionError that Python raises *at the call itself*
+        (the callee's frame never started) cannot be caught by dxtrack; on
+        Python 3.11 it is told apart by its traceback, which then holds only
+        the caller's frame (``tb_next is None``). Any other escape has a frame
+        of dxtrack's in its traceback and fails the test. Every call that
+        returned either wrote its line or was counted as ``error_failed``.
+        """
+        script = tmp_path / "deep.py"
+        script.write_text(NEAR_THE_RECURSION_LIMIT)
+        source = str(Path(package.__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": source}
+        done = subprocess.run(
+            [sys.executable, str(script), str(tmp_path)],
+            capture_output=True, text=True, timeout=120, env=env, check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        report = orjson.loads(done.stdout.splitlines()[-1])
+        for kind, outcomes in report["outcomes"].items():
+            escaped = [
+                (depth, outcome) for depth, outcome in enumerate(outcomes)
+                if outcome not in ("returned", "raised at the call", "unreachable")
+            ]
+            assert escaped == [], f"{kind}() raised from inside dxtrack"
+            assert outcomes.count("returned") > 100, outcomes  # the test did reach deep
+        returned = sum(o.count("returned") for o in report["outcomes"].values())
+        failed = report["dropped"].get("error_failed", 0)
+        assert failed > 0, report  # some depths left dxtrack no room to record
+        assert report["flushed"] and report["lines"] + failed == returned, report
+
+    def test_a_log_handler_that_raises_cannot_make_it_raise(self, memory: Any) -> None:
+        """Even dxtrack's own fallback logging failing is swallowed, and counted."""
+
+        class Broken(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                raise RuntimeError("this log handler is broken")
+
+        client, sink = memory
+        broken = Broken()
+        logging.getLogger("dxtrack").addHandler(broken)
+        try:
+            try:
+                raise KeyError("sku")
+            except KeyError:
+                client.error(metadata="not a dict")  # type: ignore[arg-type]  # logs a warning
+                assert isinstance(sys.exc_info()[1], KeyError)
+        finally:
+            logging.getLogger("dxtrack").removeHandler(broken)
+        assert client.stats()["dropped"] == {"error_failed": 1}
+        assert sink.lines("error") == []
+
+    def test_errors_refuses_an_iterable_that_fails_with_a_type_error(self, memory: Any) -> None:
+        def failing() -> Iterator[BaseException]:
+            yield ValueError("first")
+            raise RuntimeError("the iterable broke")
+
+        client, sink = memory
+        broke = "errors\\(\\).*RuntimeError: the iterable broke"
+        with pytest.raises(TypeError, match=broke) as info:
+            client.errors(failing())
+        assert isinstance(info.value.__cause__, RuntimeError)
+        assert client.stats()["enqueued"] == 0
 
 
 class TestNotConfigured:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from typing import Any, Dict
 
@@ -171,6 +172,13 @@ class TestDefaultMetadataSnapshot:
     def test_none_means_empty(self) -> None:
         assert config(default_metadata=None).default_metadata == {}
 
+    def test_keys_written_as_one_are_refused_at_configure(self) -> None:
+        client = DXTrack()
+        with pytest.raises(ConfigurationError, match="default_metadata: .*both written as '1'"):
+            client.configure(stage="test", context="c", run_id="r",
+                             default_metadata={1: "a", "1": "b"})
+        assert client.config is None
+
     def test_values_that_cannot_be_copied_are_accepted(self) -> None:
         lock = threading.Lock()
         c = config(default_metadata={"lock": lock, "shops": ["a"]})
@@ -226,3 +234,57 @@ class TestReprHidesSecrets:
         text = repr(config())
         assert text.startswith("Config(stage='test', context='tests', run_id='run-1', ")
         assert "aws_secret_access_key" not in text and "default_metadata" not in text
+
+
+class TestProfileIsChecked:
+    """A ``profile_name`` the AWS config files do not define is refused at configure().
+
+    The autouse fixture of ``conftest.py`` points ``AWS_CONFIG_FILE`` and
+    ``AWS_SHARED_CREDENTIALS_FILE`` at files of the test's own; this class
+    writes them.
+    """
+
+    @pytest.fixture(autouse=True)
+    def aws_files(self) -> None:
+        with open(os.environ["AWS_SHARED_CREDENTIALS_FILE"], "w") as f:
+            f.write("[datalake]\naws_access_key_id = profile-key\n"
+                    "aws_secret_access_key = profile-secret\n")
+        with open(os.environ["AWS_CONFIG_FILE"], "w") as f:
+            f.write("[profile sso-only]\nregion = us-west-2\n")
+
+    @pytest.mark.parametrize("stage", ["dev", "prod"])
+    def test_a_profile_that_does_not_exist_names_it(self, stage: str) -> None:
+        client = DXTrack()
+        with pytest.raises(ConfigurationError, match="profile_name 'datalak' is not") as info:
+            client.configure(**{**REQUIRED, "stage": stage}, profile_name="datalak")
+        assert info.value.option == "profile_name"
+        assert "'datalake'" in str(info.value)  # the profiles there are, to spot the typo
+        assert os.environ["AWS_CONFIG_FILE"] in str(info.value)
+        assert client.config is None and client.sink is None
+
+    def test_from_the_environment_names_the_variable(self, monkeypatch: Any) -> None:
+        monkeypatch.setenv("DXTRACK_PROFILE_NAME", "nosuch")
+        with pytest.raises(ConfigurationError, match="^DXTRACK_PROFILE_NAME .*'nosuch'"):
+            DXTrack().configure(**{**REQUIRED, "stage": "dev"})
+
+    @pytest.mark.parametrize("profile", ["datalake", "sso-only"])
+    def test_a_profile_of_either_file_is_accepted(self, profile: str) -> None:
+        client = DXTrack()
+        try:
+            assert client.configure(**{**REQUIRED, "stage": "dev"}, profile_name=profile)
+        finally:
+            client.close()
+
+    @pytest.mark.parametrize(
+        "other",
+        [dict(stage="test"), dict(stage="dev", aws_access_key_id=KEY_ID,
+                                  aws_secret_access_key=SECRET)],
+        ids=["stage test", "explicit keys"],
+    )
+    def test_not_looked_up_where_it_is_not_used(self, other: Dict[str, Any]) -> None:
+        """Stage test sends nothing to AWS, and explicit keys win over any profile."""
+        client = DXTrack()
+        try:
+            assert client.configure(**{**REQUIRED, **other}, profile_name="nosuch")
+        finally:
+            client.close()

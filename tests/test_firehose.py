@@ -717,21 +717,28 @@ class TestPermanentErrors:
             metric_stream="no-such-stream", sync_timeout=5, **landing.client_options()
         )
         log = CallLog().attach(client.sink.client())
-        for n in range(5):  # default mode: one batch, one call each
+        for n in range(5):  # default mode: the first call waits for its failure ...
             started = time.monotonic()
             client.metric("nowhere", n)
             assert time.monotonic() - started < 2.0
+            if n == 0:
+                assert client.stats()["failed"] == 1
+        # ... and the stream is then in an outage: the next four did not wait, so they
+        # queued together and went in one batch. The error stream is not in an outage.
         try:
             raise ValueError("still recorded")
         except ValueError:
             client.error()
+        assert client.stats()["delivered"] == 1
         assert not client.flush_metrics_buffer(timeout=10)  # the job can tell
 
-        stats = client.stats()  # default mode: every call above waited for its record
+        stats = client.stats()
         outcome = (stats["failed"], stats["delivered"], stats["retried"], stats["pending"])
         assert outcome == (5, 1, 0, 0)
-        assert [name for name, _ in log.calls] == ["no-such-stream"] * 5 + [ERROR_STREAM]
-        assert (stats["put_record_batch_calls"], stats["firehose_records"]) == (6, 1)
+        names = [name for name, _ in log.calls]
+        assert sorted(names) == [ERROR_STREAM] + ["no-such-stream"] * 2
+        assert names[0] == "no-such-stream"
+        assert (stats["put_record_batch_calls"], stats["firehose_records"]) == (3, 1)
         logged = messages(caplog, "no-such-stream")
         assert len(logged) == 1, logged
         assert "'eu-west-1'" in logged[0] and "ResourceNotFoundException" in logged[0]
@@ -774,13 +781,18 @@ class TestPermanentErrors:
         assert len(logged) == 1, messages(caplog)
         assert "check the AWS access key id" in logged[0]
 
-    def test_profile_that_does_not_exist(
+    def test_profile_gone_by_the_first_send(
         self, landing: Any, make_client: Any, caplog: pytest.LogCaptureFixture
     ) -> None:
+        """configure() refuses a profile that does not exist; one removed after it fails here."""
         caplog.set_level(logging.WARNING, logger="dxtrack")
         options = dict(landing.client_options(), profile_name="nope", region_name="eu-central-1")
         del options["aws_access_key_id"], options["aws_secret_access_key"]
-        client = make_client(buffer_metrics=True, **options)  # configure() itself does not look
+        credentials = os.environ["AWS_SHARED_CREDENTIALS_FILE"]
+        with open(credentials, "w") as f:
+            f.write("[nope]\naws_access_key_id = k\naws_secret_access_key = s\n")
+        client = make_client(buffer_metrics=True, **options)
+        os.remove(credentials)  # the boto3 session is made at the first send, without it
         for n in range(4):
             client.metric("unsent", n)
         try:
@@ -803,14 +815,15 @@ class TestPermanentErrors:
         del options["aws_access_key_id"], options["aws_secret_access_key"]
         client = make_client(sync_timeout=5, **options)
         log = CallLog().attach(client.sink.client())
-        for n in range(4):  # default mode: one batch, one call each
+        for n in range(4):  # default mode: the first waits; the stream is then in an outage
             started = time.monotonic()
             client.metric("unsigned", n)
             assert time.monotonic() - started < 2.0
         assert not client.flush_metrics_buffer(timeout=10)
         stats = client.stats()
         assert (stats["failed"], stats["retried"]) == (4, 0)
-        assert len(log.calls) == 4  # one attempt per batch, none repeated
+        sent = [line for _, datas in log.calls for data in datas for line in data.splitlines()]
+        assert len(sent) == 4  # one attempt per record, none repeated
         logged = messages(caplog, METRIC_STREAM, "'eu-west-1'", "NoCredentialsError")
         assert len(logged) == 1, messages(caplog)
         assert "profile_name" in logged[0] and "aws_access_key_id" in logged[0]

@@ -415,7 +415,8 @@ class TestFailingSinks:
     def test_the_worker_survives_an_exception(self, make_client):
         sink = FlakySink(failures=1, how="raise")
         client = make_client(sink=sink)
-        client.metric("rows", 1)
+        client.metric("rows", 1)  # its attempt failed: the caller stopped waiting, not the retry
+        assert client.flush(timeout=10)
         assert values(sink) == [1.0]
         client.metric("rows", 2)
         assert values(sink) == [1.0, 2.0]

@@ -13,6 +13,7 @@ import math
 import time
 import tracemalloc
 import types
+from collections.abc import Mapping
 from typing import Any, Dict, Iterator
 
 import orjson
@@ -337,6 +338,88 @@ class TestMetadataValues:
         assert orjson.loads(line)["metadata"] == {"nan": None, "inf": None}
 
 
+class TestMetadataKeysThatCollide:
+    """Two keys that would be written as one JSON key are a ValueError naming it.
+
+    A key that is not a str is written as its text, so ``1`` and ``"1"``
+    would both become ``"1"`` and a reader would see only one of them.
+    """
+
+    @pytest.mark.parametrize(
+        ("metadata", "written_as"),
+        [
+            ({1: "a", "1": "b"}, "1"),
+            ({"1": "b", 1: "a"}, "1"),
+            ({None: 1, "null": 2}, "null"),
+            ({2.5: 1, "2.5": 2}, "2.5"),
+            ({dt.date(2026, 11, 27): 1, "2026-11-27": 2}, "2026-11-27"),
+            ({"shop": {7: "x", "7": "y"}}, "7"),
+            ({("a", 1): 1, "('a', 1)": 2}, "('a', 1)"),
+        ],
+        ids=short,
+    )
+    def test_refused_at_metric_and_error(self, metadata: Dict[Any, Any], written_as: str) -> None:
+        for build in (
+            lambda b: b.metric("rows", 1, metadata),
+            lambda b: b.error(raised(ValueError("x")), metadata),
+        ):
+            with pytest.raises(ValueError, match="metadata") as info:
+                build(builder())
+            assert repr(written_as) in str(info.value)
+
+    def test_a_call_key_colliding_with_a_default_key(self) -> None:
+        with pytest.raises(ValueError, match="'1'"):
+            builder(default_metadata={"1": "default"}).metric("rows", 1, {1: "call"})
+
+    def test_keys_that_do_not_collide_are_kept(self) -> None:
+        assert metric({1: "a", "2": "b"}, default_metadata={"3": "c"})["metadata"] == {
+            "3": "c", "1": "a", "2": "b",
+        }
+
+    def test_str_keys_are_never_checked_twice(self) -> None:
+        """The common case pays nothing: plain str keys go straight to orjson."""
+        assert metric({"1": "a", "shop": "b"})["metadata"] == {"1": "a", "shop": "b"}
+
+
+class BrokenMapping(Mapping):  # type: ignore[type-arg]
+    """A mapping that fails when read, the way a lazy or remote mapping can."""
+
+    def __init__(self, fail_in: str) -> None:
+        self.fail_in = fail_in
+
+    def __getitem__(self, key: Any) -> Any:
+        if self.fail_in == "getitem":
+            raise KeyError(key)  # iteration promised a key that is not there
+        return 1
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.fail_in == "iter":
+            raise ConnectionError("the remote mapping is gone")
+        return iter(["shop"])
+
+    def __len__(self) -> int:
+        return 1
+
+
+class TestMetadataThatCannotBeRead:
+    """A mapping that raises when read is a TypeError from the builder, chained to the cause."""
+
+    @pytest.mark.parametrize("fail_in", ["getitem", "iter"])
+    @pytest.mark.parametrize("defaults", [{}, {"host": "w3"}], ids=["alone", "merged"])
+    def test_type_error_from_the_mapping_error(
+        self, fail_in: str, defaults: Dict[str, Any]
+    ) -> None:
+        cause = KeyError if fail_in == "getitem" else ConnectionError
+        for build in (
+            lambda b: b.metric("rows", 1, BrokenMapping(fail_in)),
+            lambda b: b.error(raised(ValueError("x")), BrokenMapping(fail_in)),
+        ):
+            with pytest.raises(TypeError, match="metadata could not be read") as info:
+                build(builder(default_metadata=defaults))
+            assert isinstance(info.value.__cause__, cause)
+            assert "BrokenMapping" in str(info.value)
+
+
 class TestMetricValue:
     """The value is anything float() accepts that is finite, stored as a float."""
 
@@ -434,7 +517,7 @@ class TestTimestamps:
 
     @pytest.mark.parametrize(
         ("given_ts", "stored"),
-        [(1700000000, 1700000000.0), (1.5, 1.5), (0, 0.0), (-86400, -86400.0)],
+        [(1700000000, 1700000000.0), (1.5, 1.5), (0, 0.0), (253402300799, 253402300799.0)],
     )
     def test_unix_seconds_given(self, given_ts: Any, stored: float) -> None:
         record = parse(builder().metric("rows", 1, timestamp=given_ts))
@@ -486,7 +569,6 @@ class TestTimestamps:
             math.nan,
             math.inf,
             -math.inf,
-            10**400,
             dt.date(2026, 11, 27),
             dt.time(12),
             decimal.Decimal(1),
@@ -504,6 +586,47 @@ class TestTimestamps:
     def test_datetime_format_out_of_range_is_a_value_error(self) -> None:
         with pytest.raises(ValueError, match="timestamp must be"):
             builder(timestamp_format="datetime").metric("rows", 1, timestamp=1e20)
+
+    @pytest.mark.parametrize(
+        "outside",
+        [
+            -1,
+            -86400.0,
+            1e300,
+            253402300800,  # 10000-01-01T00:00:00Z
+            2**63,
+            10**400,  # beyond float range
+            dt.datetime(1969, 12, 31, 23, 59, 59, 999999),
+            dt.datetime(1970, 1, 1, 0, 30, tzinfo=dt.timezone(dt.timedelta(hours=1))),
+            dt.datetime(9999, 12, 31, 23, 30, tzinfo=dt.timezone(dt.timedelta(hours=-1))),
+            dt.datetime.min,
+        ],
+        ids=short,
+    )
+    @pytest.mark.parametrize("timestamp_format", ["unix", "datetime"])
+    def test_outside_the_years_1970_to_9999_is_a_value_error(
+        self, outside: Any, timestamp_format: str
+    ) -> None:
+        with pytest.raises(ValueError, match="timestamp must be from 1970 to 9999") as info:
+            builder(timestamp_format=timestamp_format).metric("rows", 1, timestamp=outside)
+        assert repr(outside)[:40] in str(info.value)
+
+    @pytest.mark.parametrize(
+        ("edge", "unix", "text"),
+        [
+            (0, 0.0, "1970-01-01 00:00:00.000000"),
+            (dt.datetime(1970, 1, 1), 0.0, "1970-01-01 00:00:00.000000"),
+            (dt.datetime(9999, 12, 31, 23, 59, 59), 253402300799.0, "9999-12-31 23:59:59.000000"),
+            (253402300799, 253402300799.0, "9999-12-31 23:59:59.000000"),
+        ],
+        ids=short,
+    )
+    def test_the_first_and_last_second_are_accepted(
+        self, edge: Any, unix: float, text: str
+    ) -> None:
+        assert parse(builder().metric("rows", 1, timestamp=edge))["timestamp"] == unix
+        b = builder(timestamp_format="datetime")
+        assert parse(b.metric("rows", 1, timestamp=edge))["timestamp"] == text
 
 
 class TestIds:

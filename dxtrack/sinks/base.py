@@ -38,8 +38,14 @@ class Sink(Protocol):
 
     ``max_batch_lines`` and ``max_batch_bytes`` tell the pipeline how much to
     hand over in one :meth:`send`. A sink is used by one worker thread at a
-    time; ``send`` may raise, which the pipeline treats like a passing failure
+    time (an abandoned attempt, below, may still be running beside the next);
+    ``send`` may raise, which the pipeline treats like a passing failure
     of every line.
+
+    Optional: ``blocking_io = True`` says that ``send`` waits on the network;
+    the worker then calls it from a thread of its own and abandons an attempt
+    that outlives the time left to its batch, calling ``drop_connection()``
+    (when the sink has one) so that the next attempt starts afresh.
     """
 
     max_batch_lines: int

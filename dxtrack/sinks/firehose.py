@@ -19,6 +19,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.parsers
 
 from .._version import __version__
 from ..config import DEFAULT_REGION, Config
@@ -56,6 +57,48 @@ BAD_REQUEST = "botocore refused the request as built; this is a dxtrack bug, ple
 #: Timeouts: a hung endpoint costs seconds, not minutes.
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 15.0
+
+
+#: What botocore raises when a body cannot be parsed: its own ``ResponseParserError`` (not
+#: a ``BotoCoreError``), or, in the JSON parser, ``UnicodeDecodeError`` for bytes that are
+#: not UTF-8 and ``AttributeError`` / ``TypeError`` for JSON that is not an object.
+UNREADABLE = (botocore.parsers.ResponseParserError, ValueError, TypeError, AttributeError,
+              LookupError)
+
+
+def answer_problem(response: Any, count: int) -> Optional[str]:
+    """What keeps ``response`` from proving the delivery of ``count`` records, if anything.
+
+    Firehose answers a PutRecordBatch with one entry per record, in request
+    order, each carrying a ``RecordId`` (stored) or an ``ErrorCode`` (not).
+    """
+    answers = response.get("RequestResponses") if isinstance(response, dict) else None
+    if answers is None:
+        return f"no RequestResponses (one result per record) for the {count} record(s) sent"
+    if not isinstance(answers, list) or len(answers) != count:
+        size = len(answers) if isinstance(answers, list) else type(answers).__name__
+        return f"{size} RequestResponses for the {count} record(s) sent"
+    for index, answer in enumerate(answers):
+        if not isinstance(answer, dict) or not (answer.get("RecordId") or answer.get("ErrorCode")):
+            return f"RequestResponses[{index}] has neither a RecordId nor an ErrorCode"
+    return None
+
+
+def describe_answer(response: Any) -> str:
+    """``an HTTP 200 answer (text/html)``, as far as botocore's metadata tells."""
+    meta = response.get("ResponseMetadata", {}) if isinstance(response, dict) else {}
+    status = meta.get("HTTPStatusCode")
+    kind = meta.get("HTTPHeaders", {}).get("content-type")
+    text = f"an HTTP {status} answer" if status else "an answer"
+    return f"{text} ({kind})" if kind else text
+
+
+def check_endpoint(client: Any) -> str:
+    """Advice for an answer that did not come from Firehose."""
+    url = getattr(getattr(client, "meta", None), "endpoint_url", None)
+    endpoint = f"endpoint_url ({url})" if url else "endpoint_url"
+    return (f"check {endpoint} and any HTTP proxy in the way (HTTPS_PROXY, HTTP_PROXY): "
+            "something other than Firehose may be answering, such as a captive portal")
 
 
 class Connection(NamedTuple):
@@ -111,6 +154,11 @@ def connect(config: Config) -> Connection:
 class FirehoseSink:
     """Sends lines to the stage's two delivery streams."""
 
+    #: Calls go over the network: the worker bounds each attempt by the time its batch has,
+    blocking_io = True
+    #: ... and by this many seconds, a connect and a read (a trickling answer is given up on).
+    attempt_timeout = CONNECT_TIMEOUT + READ_TIMEOUT
+
     def __init__(self, config: Config, *, client: Any = None) -> None:
         self.config = config
         self.packed = config.pack_records
@@ -143,6 +191,11 @@ class FirehoseSink:
         """In a forked child: the parent's client and counters are the parent's."""
         self._client = None
         self._reset_counts()
+
+    def drop_connection(self) -> None:
+        """An attempt was abandoned while it waited on its connection: the next one
+        starts on a new client (the abandoned call keeps the old one until it returns)."""
+        self._client = None
 
     def _own_counts(self) -> Dict[str, int]:
         if self._counts_pid != os.getpid():  # forked without the hook having run
@@ -211,21 +264,27 @@ class FirehoseSink:
             return True, self._describe(name, exc, BAD_REQUEST)
         except botocore.exceptions.BotoCoreError as exc:  # connection trouble, timeouts
             return False, self._describe(name, exc, "")
-        if not response.get("FailedPutCount"):
-            counts["firehose_records"] += len(call)
-            counts["bytes_sent"] += sum(len(data) for data, _ in call)
-            return None
-        answers = response.get("RequestResponses") or []
-        if len(answers) != len(call):  # cannot tell which failed: send them all again
-            return [line for _, carried in call for line in carried]
+        except UNREADABLE as exc:  # a body botocore could not parse as Firehose's
+            advice = f"botocore could not read the answer; {check_endpoint(client)}"
+            return False, self._describe(name, exc, advice)
+        # Only a result per record proves delivery: a 200 with anything else (``{}``, an
+        # HTML page, a body cut short) came from something that is not Firehose.
+        problem = answer_problem(response, len(call))
+        if problem:
+            where = f"delivery stream {name!r} in region {self.region or DEFAULT_REGION!r}"
+            return False, (
+                f"PutRecordBatch to {where} got {describe_answer(response)} that is not "
+                f"Firehose's: {problem}, so none of its {len(call)} record(s) counts as "
+                f"delivered; {check_endpoint(client)}"
+            )
         retry: List[bytes] = []
-        for (data, carried), answer in zip(call, answers):
+        for (data, carried), answer in zip(call, response["RequestResponses"]):
             if answer.get("ErrorCode"):
                 retry.extend(carried)
             else:
                 counts["firehose_records"] += 1
                 counts["bytes_sent"] += len(data)
-        return retry
+        return retry or None
 
     def _describe(self, name: str, exc: Exception, advice: str) -> str:
         where = f"delivery stream {name!r} in region {self.region or DEFAULT_REGION!r}"
