@@ -57,7 +57,7 @@ class _Stream:
     __slots__ = (
         "name", "queue", "bytes", "enqueued", "taken", "settled", "in_flight",
         "urgent", "due", "flush_target", "losses", "forgotten", "drops", "checked",
-        "checked_drops", "outage",
+        "checked_drops", "outage", "failed", "evicted",
     )
 
     def __init__(self, name: str) -> None:
@@ -80,6 +80,8 @@ class _Stream:
         self.checked = 0
         self.checked_drops = 0
         self.outage = False     # the last attempt delivered nothing (see report_attempt)
+        self.failed = 0         # records the worker gave up on
+        self.evicted = 0        # records on_full="drop_oldest" took back
 
 
 class Checkpoint(NamedTuple):
@@ -229,6 +231,7 @@ class RingBuffer:
                 s.bytes -= len(s.queue.popleft())
                 s.taken += 1
                 self.dropped["evicted"] += 1
+                s.evicted += 1
                 _lose(s, s.taken, 1)
             if not s.in_flight:
                 s.settled = s.taken
@@ -411,6 +414,7 @@ class RingBuffer:
             counts["failed"] += failed
             counts["batches"] += 1
             if failed:
+                s.failed += failed
                 _lose(s, first, s.taken - first + 1)
             self.progress.notify_all()
 
@@ -465,6 +469,14 @@ class RingBuffer:
             self.stopped = True
             self.wake.notify_all()
             self.progress.notify_all()
+
+    def undelivered(self) -> Dict[str, int]:
+        """Per stream, the records that did not reach the sink: failed, dropped or pending."""
+        with self.lock:
+            return {
+                s.name: s.failed + s.drops + s.evicted + s.enqueued - s.settled
+                for s in self.streams.values()
+            }
 
     def snapshot(self) -> Dict[str, object]:
         with self.lock:

@@ -25,9 +25,9 @@ from .processes import (
     prepare_process,
     release_sigterm,
 )
-from .records import ERROR
+from .records import ERROR, METRIC
 from .sinks.base import Sink, sink_after_fork, sink_stats
-from .worker import Worker, in_delivery_thread
+from .worker import Worker, in_delivery_thread, quantity
 
 __all__ = ["Pipeline"]
 
@@ -196,10 +196,12 @@ class Pipeline:
             if not ok:
                 s = self.stats()
                 dropped = cast(Dict[str, int], s["dropped"])
+                lost = self.buffer.undelivered()
                 logger.error(
-                    "dxtrack closed with records not delivered: %d pending, %d failed, "
-                    "%d dropped (%r)",
-                    s["pending"], s["failed"], sum(dropped.values()), self.sink,
+                    "dxtrack closed with records not delivered (%s, %s): %s pending, %s failed, "
+                    "%s dropped (%r)", quantity(lost[METRIC], METRIC),
+                    quantity(lost[ERROR], ERROR), f"{s['pending']:,}", f"{s['failed']:,}",
+                    f"{sum(dropped.values()):,}", self.sink,
                 )
             self._closed_ok = ok
             with _live_lock:

@@ -155,3 +155,34 @@ class TestPartialFailure:
         values = sorted(r["value"] for r in landing.records("metric"))
         assert values == [float(n) for n in range(6)]
         assert client.stats()["delivered"] == 6
+
+
+class TestLogLinesCountMetrics:
+    """What dxtrack logs counts metrics and errors, as stats() does, not Firehose records."""
+
+    def test_a_packed_record_that_keeps_failing(
+        self, landing: Any, proxy: FaultProxy, make_client: Callable[..., DXTrack],
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        caplog.set_level(logging.WARNING, logger="dxtrack")
+        proxy.always(partial([0]))  # the one packed record of each call is throttled
+        client = make_client(**dict(landing.client_options(), endpoint_url=proxy.url),
+                             buffer_metrics=True, retry_deadline=0.5)
+        record(client, 1000)
+        assert client.flush(timeout=15) is False
+        assert all(len(call.records) == 1 for call in proxy.calls())  # packed: one record
+        assert client.stats()["failed"] == 1000
+        assert logged(caplog, "will retry 1,000 metrics")
+        assert logged(caplog, "could not deliver 1,000 metrics", "retry_deadline passed")
+
+    def test_what_close_leaves_behind(
+        self, landing: Any, proxy: FaultProxy, make_client: Callable[..., DXTrack],
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        caplog.set_level(logging.WARNING, logger="dxtrack")
+        proxy.always(partial([0]))
+        client = make_client(**dict(landing.client_options(), endpoint_url=proxy.url),
+                             buffer_metrics=True, retry_deadline=60)
+        record(client, 1000)
+        assert client.close(timeout=0.5) is False
+        assert logged(caplog, "closed with records not delivered (1,000 metrics, 0 errors)")
