@@ -57,7 +57,7 @@ class _Stream:
     __slots__ = (
         "name", "queue", "bytes", "enqueued", "taken", "settled", "in_flight",
         "urgent", "due", "flush_target", "losses", "forgotten", "drops", "checked",
-        "checked_drops", "outage", "failed", "evicted",
+        "checked_drops", "outage", "outage_after", "failed", "evicted",
     )
 
     def __init__(self, name: str) -> None:
@@ -80,6 +80,7 @@ class _Stream:
         self.checked = 0
         self.checked_drops = 0
         self.outage = False     # the last attempt delivered nothing (see report_attempt)
+        self.outage_after = 0   # ... and it had records up to this one
         self.failed = 0         # records the worker gave up on
         self.evicted = 0        # records on_full="drop_oldest" took back
 
@@ -154,8 +155,12 @@ class RingBuffer:
         self.closing = False   # no new records; the worker drains everything left
         self.stopped = False   # the worker must return as soon as it can
         self.hurry = 0         # bumped by each flush and close: a retry backoff ends at once
+        self.backing_off = False  # the worker waits to retry a batch: nothing else moves
         self.counts: Dict[str, int] = collections.defaultdict(int)
-        self.dropped: Dict[str, int] = collections.defaultdict(int)
+        # Every key there from the start: a re-entrant put never grows it while it is read.
+        self.dropped: Dict[str, int] = collections.defaultdict(
+            int, buffer_full=0, evicted=0, closed=0
+        )
 
     def after_fork_in_child(self) -> None:
         """The parent's records are the parent's to send: start empty, with new locks."""
@@ -221,7 +226,8 @@ class RingBuffer:
             side = self._side
             while side:
                 stream, body, urgent = side.popleft()
-                self._append(stream, body, urgent)
+                if self._append(stream, body, urgent) == CLOSED:
+                    self.dropped["closed"] += 1  # its caller was told DEFERRED: count it here
         finally:
             self._busy = False
 
@@ -263,8 +269,9 @@ class RingBuffer:
     ) -> bool:
         """Wait until every stream has settled up to its target; False once ``timeout``
         real seconds have passed, or, with ``in_outage=False``, as soon as the sink is
-        failing (:meth:`report_attempt`): the records still wait for their retries, the
-        caller does not."""
+        failing (:meth:`report_attempt`), or while the worker waits to retry a batch of
+        either stream (it serves one batch at a time): the records still wait for their
+        retries, the caller does not."""
         deadline = None if timeout is None else time.monotonic() + timeout
         streams = self.streams
         me = threading.get_ident()
@@ -276,11 +283,18 @@ class RingBuffer:
                 return False
             self._waiting.add(me)
             try:
+                # A record made once its stream was known to be failing is not waited for at
+                # all; one already on its way is let go when the worker starts to back off (if
+                # it failed for good, it settles at once).
+                outage = not in_outage and any(
+                    streams[name].outage and target > streams[name].outage_after
+                    for name, target in targets.items()
+                )
                 while any(streams[name].settled < target for name, target in targets.items()):
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         return False
-                    if not in_outage and any(streams[name].outage for name in targets):
+                    if outage or (self.backing_off and not in_outage):
                         return False
                     self.clock.wait(self.progress, remaining)
                 return True
@@ -320,8 +334,8 @@ class RingBuffer:
                 reported, refused = checkpoint.drops[name]
                 lost = refused > reported
                 if not lost and first <= last:
-                    lost = s.forgotten >= first or any(
-                        seq <= last and seq + count > first for seq, count in s.losses
+                    lost = s.forgotten >= first or any(  # a copy: a re-entrant put may evict
+                        seq <= last and seq + count > first for seq, count in tuple(s.losses)
                     )
                 ok = ok and not lost
                 s.checked = max(s.checked, last)
@@ -433,7 +447,7 @@ class RingBuffer:
         if s.outage == delivered:
             with self.lock:
                 s.outage = not delivered
-                self.progress.notify_all()  # synchronous callers stop waiting
+                s.outage_after = s.taken  # records up to here were in or before that attempt
 
     def wait_backoff(self, seconds: float, records: int, hurry: int) -> bool:
         """Sleep ``seconds`` on the clock before ``records`` are sent again.
@@ -447,12 +461,17 @@ class RingBuffer:
                 return False
             self.counts["retried"] += records
             deadline = self.clock.monotonic() + seconds
-            while not self.stopped:
-                remaining = deadline - self.clock.monotonic()
-                if remaining <= 0 or self.hurry != hurry:
-                    return True
-                self.clock.wait(self.wake, remaining)
-            return False
+            self.backing_off = True
+            self.progress.notify_all()  # synchronous callers stop waiting
+            try:
+                while not self.stopped:
+                    remaining = deadline - self.clock.monotonic()
+                    if remaining <= 0 or self.hurry != hurry:
+                        return True
+                    self.clock.wait(self.wake, remaining)
+                return False
+            finally:
+                self.backing_off = False
 
     # -- lifecycle -----------------------------------------------------------
     def close(self) -> None:

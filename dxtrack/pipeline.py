@@ -66,9 +66,11 @@ class Pipeline:
             self.forwarder = PapertrailForwarder(config.papertrail_hostport, config.context, log)
             self.put = _teed(self.buffer.put, self.forwarder.put)
         self.worker_thread: Optional[threading.Thread] = None
+        self.worker: Optional[Worker] = None
         self._start_lock = threading.Lock()
         self._closed_ok: Optional[bool] = None
         self._close_lock = threading.Lock()
+        self._closing: Optional[threading.Event] = None  # set once a close() has ended
         with _live_lock:
             _live.add(self)
         self._prepare_process()
@@ -107,7 +109,9 @@ class Pipeline:
             buffer = self.buffer
             if buffer.worker_running:
                 return True
-            worker = Worker(
+            if self.worker is not None:
+                self.worker.close()  # one that died: its sender thread goes with it
+            worker = self.worker = Worker(
                 buffer, self.sink, retry_deadline=self.config.retry_deadline, log=self.log
             )
             thread = threading.Thread(
@@ -173,45 +177,60 @@ class Pipeline:
     def close(self, timeout: Optional[float] = None) -> bool:
         """Flush within ``timeout`` seconds, stop the worker, release the sink.
 
-        Idempotent: later calls return the first call's verdict at once.
+        Idempotent: later calls return the first call's verdict at once, or wait
+        for the call under way within their own ``timeout``. A close cut short by
+        an exception (Ctrl-C) leaves the next call to do it again.
         """
         timeout = self.config.shutdown_timeout if timeout is None else timeout
-        # Bounded: another close holding the lock is itself bounded by its own timeout.
-        if not self._close_lock.acquire(timeout=timeout + 1.0):
-            return False
+        mine: Optional[threading.Event] = None
         try:
-            if self._closed_ok is not None:
-                return self._closed_ok
-            started = time.monotonic()
-            ok = self.flush(timeout)
-            self.buffer.close()
-            thread = self.worker_thread
-            if thread is not None and thread is not threading.current_thread():
-                thread.join(_left(timeout, started))
-            self.buffer.stop()
-            if thread is None or not thread.is_alive():
-                self._close_sink()
-            if self.forwarder is not None:
-                self.forwarder.close(_left(timeout, started))
-            if not ok:
-                s = self.stats()
-                dropped = cast(Dict[str, int], s["dropped"])
-                lost = self.buffer.undelivered()
-                logger.error(
-                    "dxtrack closed with records not delivered (%s, %s): %s pending, %s failed, "
-                    "%s dropped (%r)", quantity(lost[METRIC], METRIC),
-                    quantity(lost[ERROR], ERROR), f"{s['pending']:,}", f"{s['failed']:,}",
-                    f"{sum(dropped.values()):,}", self.sink,
-                )
-            self._closed_ok = ok
-            with _live_lock:
-                _live.discard(self)
-                last = not _live
-            if last:
-                release_sigterm()
-            return ok
+            with self._close_lock:  # only decides who closes: never held while closing
+                other = self._closing
+                if other is None:
+                    mine = self._closing = threading.Event()
+            if other is not None:
+                other.wait(timeout + 1.0)  # the other close is bounded by its own timeout
+                return bool(self._closed_ok)
+            self._closed_ok = self._close(timeout)
+            return self._closed_ok
         finally:
-            self._close_lock.release()
+            if mine is not None:
+                if self._closed_ok is None:
+                    with self._close_lock:
+                        self._closing = None
+                mine.set()
+
+    def _close(self, timeout: float) -> bool:
+        """close() proper: flush, stop the worker and the sender, release the sink."""
+        started = time.monotonic()
+        ok = self.flush(timeout)
+        self.buffer.close()
+        thread = self.worker_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(_left(timeout, started))
+        self.buffer.stop()
+        if self.worker is not None:
+            self.worker.close()  # its sender thread, if any, ends once its call returns
+        if thread is None or not thread.is_alive():
+            self._close_sink()
+        if self.forwarder is not None:
+            self.forwarder.close(_left(timeout, started))
+        if not ok:
+            s = self.stats()
+            dropped = cast(Dict[str, int], s["dropped"])
+            lost = self.buffer.undelivered()
+            logger.error(
+                "dxtrack closed with records not delivered (%s, %s): %s pending, %s failed, "
+                "%s dropped (%r)", quantity(lost[METRIC], METRIC),
+                quantity(lost[ERROR], ERROR), f"{s['pending']:,}", f"{s['failed']:,}",
+                f"{sum(dropped.values()):,}", self.sink,
+            )
+        with _live_lock:
+            _live.discard(self)
+            last = not _live
+        if last:
+            release_sigterm()
+        return ok
 
     def _close_sink(self) -> None:
         try:
@@ -245,8 +264,10 @@ class Pipeline:
         """The parent's queue, locks and thread are the parent's: start afresh."""
         self.buffer.after_fork_in_child()
         self.worker_thread = None
+        self.worker = None
         self._start_lock = threading.Lock()
         self._close_lock = threading.Lock()
+        self._closing = None
         self.log.after_fork_in_child()
         sink_after_fork(self.sink)
 

@@ -201,6 +201,8 @@ def prepare_process(
     global _finalizer_pid, _handler_pid
     pid = os.getpid()
     on_main_thread = threading.current_thread() is threading.main_thread()
+    if not handle_sigterm and _handler_pid == pid:
+        release_sigterm()  # a configure() that asks dxtrack to leave signals alone
     if _finalizer_pid == pid and (
         _handler_pid == pid or not on_main_thread or not handle_sigterm
     ):
@@ -264,13 +266,19 @@ class _UnwindOnSigterm:
     """dxtrack's SIGTERM handler; a class, so a forked child knows an inherited one as ours.
 
     It starts a thread that flushes, then raises ``SystemExit(143)`` so the
-    main thread unwinds (``finally`` blocks run and may still record). The
-    thread waits for the main thread to finish unwinding, at most half the
-    grace, then closes every client. It is not a daemon: interpreter exit,
-    and a ``multiprocessing`` child's exit, join it, so the flush does not
-    depend on a finalizer chain that a signal can cut short (a SIGTERM that
-    lands while ``multiprocessing`` runs its finalizers aborts the rest of
-    them). A watchdog ends the process after the grace, whatever happens.
+    main thread unwinds (``finally`` blocks run and may still record; a
+    ``with Pool()`` terminates its workers and waits while they flush). The
+    thread waits for the main thread to finish unwinding, at most one grace,
+    then closes every client. It is not a daemon: interpreter exit, and a
+    ``multiprocessing`` child's exit, join it, so the flush does not depend on
+    a finalizer chain that a signal can cut short (a SIGTERM that lands while
+    ``multiprocessing`` runs its finalizers aborts the rest of them). A
+    watchdog ends the process after two graces, whatever happens.
+
+    After the first SIGTERM, a child process ignores further ones (its
+    parent's ``Pool.terminate()`` sends one when the whole process group was
+    signalled: it must not cut the flush short); the main process ends at a
+    second one, as a user pressing twice expects.
     """
 
     def __init__(self, grace: Callable[[], float], close_all: Callable[[], None]) -> None:
@@ -281,15 +289,15 @@ class _UnwindOnSigterm:
         _sigterm_seen.set()
         if _exiting:
             return  # already flushing at exit: let it finish within its bound
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if in_child_process() else signal.SIG_DFL)
         grace = self.grace()
-        watchdog = threading.Timer(grace, os._exit, args=(SIGTERM_STATUS,))
+        watchdog = threading.Timer(2 * grace, os._exit, args=(SIGTERM_STATUS,))
         watchdog.daemon = True
         # Held back during a fork, this runs inside the fork hook, which would swallow
         # SystemExit: then the thread flushes at once and ends the process itself.
         in_fork_hook = _in_fork_hook()
         flusher = threading.Thread(
-            target=self._flush_and_end, args=(0.0 if in_fork_hook else grace / 2,),
+            target=self._flush_and_end, args=(0.0 if in_fork_hook else grace,),
             name="dxtrack-sigterm-exit",
         )
         try:

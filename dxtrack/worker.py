@@ -36,6 +36,8 @@ BACKOFF_BASE = 0.1
 BACKOFF_CAP = 10.0
 #: An attempt is never cut shorter than this, so a slow but healthy endpoint still answers.
 MIN_ATTEMPT = 1.0
+#: Abandoned attempts that may still be waiting for an answer before no new one starts.
+MAX_ABANDONED = 2
 
 _thread_role = threading.local()
 
@@ -143,6 +145,11 @@ class Worker:
             quantity(count, stream), f"{total:,}", why,
         )
 
+    def close(self) -> None:
+        """Let the sender thread, if any, end (once the call it may be in returns)."""
+        if self.sender is not None:
+            self.sender.close()
+
     def _attempt(self, stream: str, lines: Sequence[bytes], bound: float) -> SendResult:
         if self.sender is not None:
             return self.sender.send(stream, lines, bound)
@@ -158,16 +165,30 @@ def _send_once(sink: Sink, stream: str, lines: Sequence[bytes]) -> SendResult:
 
 
 class _Sender:
-    """Runs a blocking sink's ``send`` in a thread the worker can walk away from."""
+    """Runs a blocking sink's ``send`` in a thread the worker can walk away from.
+
+    An abandoned thread ends when its call returns, and then closes the
+    connection it used. At most :data:`MAX_ABANDONED` of them may still be
+    waiting: past that, attempts are refused (and retried later) rather than
+    piling up threads and connections while an endpoint hangs.
+    """
 
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
         self.requests: Optional[queue.SimpleQueue[Any]] = None
         self.pid = 0
+        self.thread: Optional[threading.Thread] = None
+        self.abandoned: List[threading.Thread] = []
 
     def send(self, stream: str, lines: Sequence[bytes], bound: float) -> SendResult:
         requests = self.requests
         if requests is None or self.pid != os.getpid():
+            self.abandoned = [t for t in self.abandoned if t.is_alive()]
+            if len(self.abandoned) >= MAX_ABANDONED and self.pid == os.getpid():
+                return SendResult(retry=lines, error=(
+                    f"{len(self.abandoned)} abandoned attempts are still waiting for an answer; "
+                    "not starting another"
+                ))
             try:
                 requests = self._start()
             except RuntimeError:  # no new threads at interpreter shutdown: send from here
@@ -177,15 +198,20 @@ class _Sender:
         try:
             return reply.get(timeout=bound)
         except queue.Empty:
-            requests.put(None)  # that thread ends once its call returns; its answer is dropped
-            self.requests = None
             drop = getattr(self.sink, "drop_connection", None)
-            if callable(drop):
-                drop()
+            requests.put(drop() if callable(drop) else None)  # what that thread closes at its end
+            if self.thread is not None:
+                self.abandoned.append(self.thread)
+            self.requests = None
             return SendResult(retry=lines, error=(
                 f"no answer within {bound:.1f} s; the attempt was abandoned (it may still "
                 "have been delivered)"
             ))
+
+    def close(self) -> None:
+        if self.requests is not None and self.pid == os.getpid():
+            self.requests.put(None)
+        self.requests = None
 
     def _start(self) -> queue.SimpleQueue[Any]:
         requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -195,11 +221,18 @@ class _Sender:
             _thread_role.delivery = True
             while True:
                 work = requests.get()
-                if work is None:
+                if not isinstance(work, tuple):  # the end: close what we were left, if anything
+                    close = getattr(work, "close", None)
+                    if callable(close):
+                        try:
+                            close()
+                        except Exception:  # noqa: BLE001 - a connection that is gone already
+                            pass
                     return
                 stream, lines, reply = work
                 reply.put(_send_once(self.sink, stream, lines))
 
-        threading.Thread(target=serve, name="dxtrack-sender", daemon=True).start()
+        self.thread = threading.Thread(target=serve, name="dxtrack-sender", daemon=True)
+        self.thread.start()
         self.requests, self.pid = requests, os.getpid()
         return requests

@@ -247,3 +247,10 @@ def sigterm_while_finalizers_run(output_dir: str, metrics: int) -> None:
     multiprocessing.util.Finalize(
         None, os.kill, args=(os.getpid(), signal.SIGTERM), exitpriority=200
     )
+
+
+def emit_buffered(count: int) -> int:
+    """Record ``count`` metrics in whatever mode the inherited client is in; returns the pid."""
+    for i in range(count):
+        dxtrack.metric("pool.rows", i, metadata={"pid": os.getpid()})
+    return os.getpid()

@@ -14,6 +14,7 @@ when a test says so, so a backoff that is not cut short never ends.
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any, Callable, Iterator, List
 
@@ -87,6 +88,19 @@ class TestDefaultModeInAnOutage:
         assert len(sink.records("error")) == 1  # error() returned after its delivery
 
 
+    def test_errors_do_not_wait_behind_a_metric_batch_in_backoff(
+        self, make_client: Callable[..., DXTrack]
+    ) -> None:
+        # The worker serves one batch at a time: while it waits to retry metrics, an error
+        # cannot be sent, so waiting for it would only wait out the metrics' retries.
+        sink = FlakySink(failures=10**9, how="retry")
+        client = make_client(sink=sink, clock=ManualClock(), sync_timeout=3600)
+        returns_within(HANG, lambda: client.metric("down", 1))
+        for n in range(3):
+            returns_within(HANG, functools.partial(client.error, exception=ValueError(n)))
+        assert client.stats()["pending"] == 4
+
+
 class TestAFlushDoesNotSleepThroughABackoff:
     """flush() and close() make the worker retry at once."""
 
@@ -147,3 +161,41 @@ class TestOneAttemptIsBounded:
         landed = sorted(record["value"] for record in landing.records("metric"))
         assert landed == [float(n) for n in range(10)]
         assert len(proxy.calls()) == 2
+
+
+def sender_threads() -> List[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "dxtrack-sender"]
+
+
+class TestSenderThreads:
+    """The threads that make Firehose calls do not pile up."""
+
+    def test_none_left_after_close(
+        self, landing: Any, make_client: Callable[..., DXTrack]
+    ) -> None:
+        before = set(sender_threads())
+        client = make_client(**landing.client_options())
+        for n in range(10):  # each configure() replaces the pipeline, and closes the old one
+            client.configure(context="c", run_id=f"run-{n}", **landing.client_options())
+            client.metric("m", n)
+        client.close(timeout=10)
+        for thread in set(sender_threads()) - before:
+            thread.join(HANG)
+            assert not thread.is_alive()
+        assert len(landing.lines("metric")) == 10
+
+    def test_abandoned_attempts_are_bounded(
+        self, landing: Any, proxy: FaultProxy, make_client: Callable[..., DXTrack],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        monkeypatch.setattr(dxtrack.worker, "BACKOFF_CAP", 0.05)
+        proxy.always(trickle(b'{"FailedPutCount": 0, "RequestResponses": []}', 0.5))
+        before = set(sender_threads())
+        client = make_client(**dict(landing.client_options(), endpoint_url=proxy.url),
+                             buffer_metrics=True, retry_deadline=6)
+        client.sink.attempt_timeout = 1.0  # type: ignore[union-attr]
+        client.metric("trickled", 1)
+        assert returns_within(HANG, lambda: client.flush(timeout=None)) is False
+        # About six attempts were abandoned; at most two may still wait beside the live one.
+        assert len(set(sender_threads()) - before) <= 1 + dxtrack.worker.MAX_ABANDONED
+        assert len(proxy.calls()) <= 1 + dxtrack.worker.MAX_ABANDONED

@@ -255,3 +255,31 @@ class TestKeyboardInterrupt:
             recorded = names(client)
             assert recorded.count("warm-up") == 1 and recorded.count("after") == 1
             assert recorded.count("interrupted") <= 1
+
+
+class TestKeyboardInterruptInClose:
+    """Ctrl-C anywhere in close() leaves the next close() able to do the work."""
+
+    def test_after_every_call_in_close(self) -> None:
+        from dxtrack.pipeline import Pipeline
+
+        code = {Pipeline.close.__code__}
+
+        def only(code: types.CodeType, offset: int) -> bool:
+            return offset in after_calls(code)
+
+        def scenario(tracer: Interrupter, client: Optional[DXTrack] = None) -> None:
+            client = client or new_client(buffer_metrics=True)
+            client.metric("before", 1)
+            sys.settrace(tracer)
+            try:
+                client.close(timeout=5)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.settrace(None)
+
+        make = functools.partial(new_client, buffer_metrics=True)
+        for n, client in at_each_point(code, scenario, make, interrupt, only):
+            assert within(HANG, functools.partial(client.close, timeout=5)), f"call {n}"
+            assert names(client) == ["before"]

@@ -54,8 +54,11 @@ class TestChildProcesses:
         assert sorted(r["value"] for r in records) == [float(i) for i in range(1000)]
 
 
-def start_job(tmp_path: Path, body: str) -> subprocess.Popen[str]:
-    """Run ``body`` in a new interpreter; returns once it printed ``ready``."""
+def start_job(tmp_path: Path, body: str, group: bool = False) -> subprocess.Popen[str]:
+    """Run ``body`` in a new interpreter; returns once it printed ``ready``.
+
+    ``group``: in a process group of its own, so the test can signal the whole group.
+    """
     script = tmp_path / "job.py"
     script.write_text(
         "import os, signal, sys, time\n"
@@ -68,15 +71,18 @@ def start_job(tmp_path: Path, body: str) -> subprocess.Popen[str]:
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]))
     job = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env=env)
+                           stderr=subprocess.PIPE, text=True, env=env, start_new_session=group)
     assert job.stdout is not None
     line = job.stdout.readline()
     assert line == "ready\n", (line, job.stderr.read() if job.poll() is not None else "")
     return job
 
 
-def terminate(job: subprocess.Popen[str]) -> str:
-    job.send_signal(signal.SIGTERM)
+def terminate(job: subprocess.Popen[str], group: bool = False) -> str:
+    if group:  # as systemd, supervisord's stopasgroup and `kill -- -PGID` do
+        os.killpg(job.pid, signal.SIGTERM)
+    else:
+        job.send_signal(signal.SIGTERM)
     _, stderr = job.communicate(timeout=60)
     return stderr
 
@@ -148,3 +154,60 @@ class TestMainProcess:
         terminate(job)
         assert job.returncode == -signal.SIGTERM
         assert len(landed(tmp_path / "out")) == 1000
+
+
+POOL = """
+import multiprocessing, mp_jobs
+if __name__ == "__main__":
+    os.makedirs(OUTPUT, exist_ok=True)
+    METRICS = os.path.join(OUTPUT, "metric.jsonl")
+    dxtrack.configure(stage="test", context="c", run_id="r", output_dir=OUTPUT,
+                      buffer_metrics=True, flush_interval=3600{options})
+    try:
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            pids = pool.map(mp_jobs.emit_buffered, [1000, 1000], chunksize=1)
+            ready()
+    finally:
+        dxtrack.metric("main.after_pool", len(set(pids)))
+"""
+
+
+class TestPools:
+    """A main process with a pool: the workers' records and the main's both land."""
+
+    def test_sigterm_to_the_whole_process_group(self, tmp_path: Path) -> None:
+        # Each worker gets the group's SIGTERM, and then another from the pool's terminate()
+        # as the main process unwinds: the second must not cut the workers' flush short.
+        options = ", sink=mp_jobs.SlowFileSink(METRICS, 1.0)"  # still flushing at the second
+        job = start_job(tmp_path, POOL.format(options=options), group=True)
+        stderr = terminate(job, group=True)
+        assert job.returncode == SIGTERM_STATUS, stderr
+        names = [r["metric_name"] for r in landed(tmp_path / "out")]
+        assert names.count("pool.rows") == 2000 and names.count("main.after_pool") == 1
+
+    def test_the_main_process_waits_while_its_workers_flush(self, tmp_path: Path) -> None:
+        # The workers' sink takes 4 s a send (500 lines): the main process spends that long
+        # inside the pool's exit before it records again and flushes; dxtrack must not end it
+        # meanwhile (it gave the main thread half of shutdown_timeout + 1 s, 3.5 s here).
+        options = ", shutdown_timeout=6, sink=mp_jobs.SlowFileSink(METRICS, 4.0)"
+        job = start_job(tmp_path, POOL.format(options=options).replace("1000, 1000", "500, 500"))
+        stderr = terminate(job)
+        assert job.returncode == SIGTERM_STATUS, stderr
+        names = [r["metric_name"] for r in landed(tmp_path / "out")]
+        assert names.count("pool.rows") == 1000 and names.count("main.after_pool") == 1
+
+
+class TestReconfigure:
+    """configure(handle_sigterm=False) after dxtrack's handler was installed takes it away."""
+
+    def test_the_handler_goes(self, tmp_path: Path) -> None:
+        body = CONFIGURE.format(options="") + textwrap.dedent("""
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+            dxtrack.configure(stage="test", context="c", run_id="r", output_dir=OUTPUT,
+                              handle_sigterm=False)
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+            ready()
+        """)
+        job = start_job(tmp_path, body)
+        terminate(job)
+        assert job.returncode == -signal.SIGTERM

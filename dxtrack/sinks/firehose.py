@@ -192,10 +192,12 @@ class FirehoseSink:
         self._client = None
         self._reset_counts()
 
-    def drop_connection(self) -> None:
+    def drop_connection(self) -> Any:
         """An attempt was abandoned while it waited on its connection: the next one
-        starts on a new client (the abandoned call keeps the old one until it returns)."""
-        self._client = None
+        starts on a new client. Returns the old one, for the abandoned call to close
+        once it returns."""
+        client, self._client = self._client, None
+        return client
 
     def _own_counts(self) -> Dict[str, int]:
         if self._counts_pid != os.getpid():  # forked without the hook having run
