@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import threading
 import weakref
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from ._logging import RateLimitedLog
 from ._version import __version__
@@ -19,7 +20,9 @@ from .hooks import UnhandledCapture
 from .pipeline import Pipeline
 from .processes import (
     export_settings,
+    hold_signals,
     inherited_settings,
+    release_signals,
     reserve_settings_path,
     withdraw_settings,
 )
@@ -76,7 +79,7 @@ class DXTrack:
         self._closed = False
         #: The pipeline the last close() closed: later calls return its verdict.
         self._closed_pipeline: Optional[Pipeline] = None
-        self._refused: Dict[str, int] = {}
+        self._refused = _Tally()
         #: error()/errors() calls that could record nothing (``dropped["error_failed"]``).
         #: A plain int, counted without a call: it may be counted with no stack left.
         self._error_failures = 0
@@ -229,6 +232,10 @@ class DXTrack:
             self._error(metadata, exception, wait=True)
         except Exception:  # _error() could not even start: no stack left for its frame
             self._error_failures += 1
+        try:
+            release_signals()  # normally done already; not when the stack was exhausted
+        except Exception:  # noqa: BLE001 - nothing more can be done from this depth
+            pass
 
     def _error(
         self, metadata: Optional[Mapping[str, Any]], exception: Optional[BaseException],
@@ -261,14 +268,17 @@ class DXTrack:
                 if state is None:
                     return
             builder, pipeline = state
-            try:
-                body = builder.error(exc, metadata)
-            except Exception as bad_metadata:  # not a dict, or a mapping that fails to read
-                self._log.warning(
-                    "error-metadata", "dxtrack.error(): %s; recorded without it", bad_metadata
-                )
-                body = builder.error(exc, None)
-            self._put_errors(pipeline, [body], wait)
+
+            def build() -> List[bytes]:
+                try:
+                    return [builder.error(exc, metadata)]
+                except Exception as bad_metadata:  # not a dict, or a mapping that fails to read
+                    self._log.warning(
+                        "error-metadata", "dxtrack.error(): %s; recorded without it", bad_metadata
+                    )
+                    return [builder.error(exc, None)]
+
+            self._record_errors(pipeline, build, wait)
         except Exception:
             # Maybe a few frames from the recursion limit, maybe a log handler that raises:
             # count first, without a call, then log if even that works.
@@ -318,8 +328,8 @@ class DXTrack:
                 if state is None:
                     return
             builder, pipeline = state
-            bodies = [builder.error(exc, metadata) for exc in items]  # metadata checked here too
-            self._put_errors(pipeline, bodies)
+            # Metadata is checked here too: a ValueError goes to the caller.
+            self._record_errors(pipeline, lambda: [builder.error(e, metadata) for e in items])
         except (TypeError, ValueError):
             raise  # a bad argument, found before anything was recorded
         except Exception:  # as in _error(): count first, without a call, then log if possible
@@ -331,13 +341,28 @@ class DXTrack:
             except Exception:
                 pass  # counted above
 
-    def _put_errors(self, pipeline: Pipeline, bodies: List[bytes], wait: bool = True) -> None:
-        results = pipeline.put_errors(bodies, wait)
-        if DROPPED in results:
-            self._after_refusal(ERROR, DROPPED, [])
-        closed = [body for body, result in zip(bodies, results) if result == CLOSED]
-        if closed:
-            self._after_refusal(ERROR, CLOSED, closed, wait)
+    def _record_errors(
+        self, pipeline: Pipeline, build: Callable[[], List[bytes]], wait: bool = True
+    ) -> None:
+        """Build error bodies and queue them with SIGINT and SIGTERM held (see
+        :func:`~dxtrack.processes.hold_signals`), then wait for delivery if the mode says so."""
+        hold_signals()
+        try:
+            bodies = build()
+            results = pipeline.put_errors(bodies, wait=False)
+            if DROPPED in results:
+                self._after_refusal(ERROR, DROPPED, [])
+            closed = [body for body, result in zip(bodies, results) if result == CLOSED]
+            if closed:
+                self._after_refusal(ERROR, CLOSED, closed, wait=False)
+        finally:
+            try:
+                release_signals()
+            except RecursionError:
+                pass  # no stack left here: error() tries again on its way out
+        last = max(results, default=0)
+        if last > 0 and wait and pipeline.error_waits:
+            pipeline.wait_for(ERROR, last)
 
     def _after_refusal(
         self, stream: str, status: int, bodies: List[bytes], wait: bool = True
@@ -360,7 +385,7 @@ class DXTrack:
             for body in bodies:
                 seq = pipeline.put(METRIC, body, pipeline.metric_urgent)
                 if seq == CLOSED:
-                    self._refuse(stream)
+                    self._refuse(stream, closed=True)
                 elif seq == DROPPED:  # counted by the buffer
                     self._after_refusal(stream, DROPPED, [])
                 elif pipeline.metric_waits:
@@ -369,7 +394,7 @@ class DXTrack:
             results = pipeline.put_errors(bodies, wait)
             for result in results:
                 if result == CLOSED:
-                    self._refuse(stream)
+                    self._refuse(stream, closed=True)
             if DROPPED in results:
                 self._after_refusal(stream, DROPPED, [])
 
@@ -409,10 +434,11 @@ class DXTrack:
                 "inherit-failed", "dxtrack could not use the parent process's settings: %s", exc
             )
 
-    def _refuse(self, stream: str) -> None:
-        reason = "closed" if self._closed else "not_configured"
-        with self._lock:
-            self._refused[reason] = self._refused.get(reason, 0) + 1
+    def _refuse(self, stream: str, closed: bool = False) -> None:
+        """Count and log a record nobody will send: ``closed`` when a closed pipeline refused
+        it (after close(), or after the exit flush), else as the client's state says."""
+        reason = "closed" if closed or self._closed else "not_configured"
+        self._refused.add(reason)
         if reason == "closed":
             message = "dxtrack was closed: %s records are dropped until configure() is called again"
         else:
@@ -474,7 +500,7 @@ class DXTrack:
         """
         with self._lock:
             pipelines = list(self._pipelines)
-            total: Dict[str, Any] = {"dropped": dict(self._refused)}
+            total: Dict[str, Any] = {"dropped": self._refused.counts()}
             if self._error_failures:
                 total["dropped"]["error_failed"] = self._error_failures
             _add(total, self._retired)
@@ -493,6 +519,25 @@ class DXTrack:
 
     def __repr__(self) -> str:
         return f"DXTrack({self._config!r})" if self._config else "DXTrack(not configured)"
+
+
+class _Tally:
+    """Counts by key that a signal handler or ``__del__`` may add to while this thread is
+    adding: ``next()`` on an ``itertools.count`` is one C call, so no increment is lost
+    (``d[k] += 1`` can be interrupted between its read and its write)."""
+
+    def __init__(self) -> None:
+        self._counters: Dict[str, itertools.count[int]] = {}
+
+    def add(self, key: str) -> None:
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters.setdefault(key, itertools.count())
+        next(counter)
+
+    def counts(self) -> Dict[str, int]:
+        # repr() of an itertools.count is "count(N)", N its next value: how many were added.
+        return {key: int(repr(c)[6:-1]) for key, c in list(self._counters.items())}
 
 
 def _check_profile(config: Config, from_environment: bool) -> None:

@@ -69,7 +69,7 @@ from .config import Config
 
 __all__ = [
     "INHERIT_ENV", "block_signals_in_this_thread", "export_settings", "inherited_settings",
-    "mark_exiting", "prepare_process", "release_sigterm",
+    "hold_signals", "mark_exiting", "prepare_process", "release_signals", "release_sigterm",
     "reserve_settings_path", "withdraw_settings",
 ]
 
@@ -126,7 +126,9 @@ def _in_fork_hook() -> bool:
 def _after_fork_in_child() -> None:
     # No logging here: the logging lock may have been held by another thread at fork time.
     global _prepare_lock, _sigterm_seen, _wakeup, _inherited_wakeup, _fork_masks, _exiting
+    global _held_mask
     _exiting = False
+    _held_mask = None  # the mask itself is inherited: the forking thread restores its own
     saved = getattr(_fork_masks, "saved", None)
     _fork_masks = threading.local()
     if saved is not None:
@@ -248,6 +250,40 @@ _ASYNC_SIGNALS = frozenset(
         "SIGWINCH", "SIGPIPE",
     ) if hasattr(signal, name)
 )
+
+
+_HELD_SIGNALS = frozenset(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name)
+)
+_held_mask: Any = None  # the main thread's mask before hold_signals(), while it holds them
+
+
+def hold_signals() -> None:
+    """Keep SIGINT and SIGTERM waiting while the main thread does something that must not
+    be cut short, until :func:`release_signals` (a no-op off the main thread).
+
+    ``error()`` formats tracebacks with the standard library, whose bare ``except:``
+    clauses would swallow the KeyboardInterrupt or SystemExit of a handler run meanwhile,
+    and queues the record: a signal held until then acts as usual, and the record is kept.
+    """
+    global _held_mask
+    if _HELD_SIGNALS and _held_mask is None and hasattr(signal, "pthread_sigmask") and (
+        threading.current_thread() is threading.main_thread()
+    ):
+        _held_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+
+
+def release_signals() -> None:
+    """Undo :func:`hold_signals`; a signal that came meanwhile is delivered now.
+
+    If the call fails (no stack left: RecursionError), the signals stay held and
+    a later call, from a shallower frame, tries again.
+    """
+    global _held_mask
+    held = _held_mask
+    if held is not None and threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        _held_mask = None
 
 
 def block_signals_in_this_thread() -> None:

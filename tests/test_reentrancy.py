@@ -283,3 +283,28 @@ class TestKeyboardInterruptInClose:
         for n, client in at_each_point(code, scenario, make, interrupt, only):
             assert within(HANG, functools.partial(client.close, timeout=5)), f"call {n}"
             assert names(client) == ["before"]
+
+
+class TestLoggingFromInterruptingCode:
+    """A refused record logs a warning; recording again from inside that logging is safe."""
+
+    def test_from_every_instruction_of_the_rate_limited_log(self) -> None:
+        from dxtrack._logging import RateLimitedLog
+
+        code = {RateLimitedLog.__call__.__code__}
+
+        def closed_client() -> DXTrack:
+            client = new_client()
+            client.close(timeout=5)
+            return client
+
+        def scenario(tracer: Interrupter, client: Optional[DXTrack] = None) -> None:
+            client = client or closed_client()
+            sys.settrace(tracer)
+            try:
+                client.metric("outer", 1)  # refused: the client is closed, and it says so
+            finally:
+                sys.settrace(None)
+
+        for n, client in at_each_point(code, scenario, closed_client, record_inner):
+            assert client.stats()["dropped"] == {"closed": 2}, f"instruction {n}"

@@ -211,3 +211,47 @@ class TestReconfigure:
         job = start_job(tmp_path, body)
         terminate(job)
         assert job.returncode == -signal.SIGTERM
+
+
+class TestSignalsDuringError:
+    """A signal whose handler runs while error() formats a traceback is not swallowed.
+
+    The standard library formats with bare ``except:`` clauses; this exception's
+    ``__str__`` signals its own process the second time it is called, from inside
+    the traceback formatting.
+    """
+
+    BODY = textwrap.dedent("""
+        dxtrack.configure(stage="test", context="c", run_id="r", output_dir=OUTPUT,
+                          use_async_requests=True)
+        class PageError(Exception):
+            calls = 0
+            def __str__(self):
+                PageError.calls += 1
+                if PageError.calls == 2:
+                    os.kill(os.getpid(), signal.{name})
+                return "no price on page"
+        try:
+            try:
+                raise PageError()
+            except PageError:
+                dxtrack.error()
+            print("error() returned: the signal was swallowed", flush=True)
+        finally:
+            print("finally ran", flush=True)
+    """)
+
+    @pytest.mark.parametrize("name, status", [("SIGTERM", SIGTERM_STATUS), ("SIGINT", -signal.SIGINT)])
+    def test_the_signal_acts_once_the_record_is_made(
+        self, tmp_path: Path, name: str, status: int
+    ) -> None:
+        script = tmp_path / "job.py"
+        script.write_text("import os, signal\nfrom dxtrack import dxtrack\n"
+                          f"OUTPUT = {str(tmp_path / 'out')!r}\n" + self.BODY.format(name=name))
+        job = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                             timeout=60)
+        assert job.returncode == status, job.stderr
+        assert job.stdout == "finally ran\n"
+        assert [r["exception"]["value"] for r in landed(tmp_path / "out", "error")] == [
+            "no price on page"
+        ]
