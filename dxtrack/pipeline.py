@@ -76,7 +76,7 @@ class Pipeline:
         self._prepare_process()
 
     def _prepare_process(self) -> None:
-        prepare_process(_close_all_at_exit, _exit_grace, self.config.handle_sigterm)
+        prepare_process(_close_all_at_exit, _exit_grace, self.config.handle_sigterm, _unsent)
 
     # -- the caller's path ---------------------------------------------------
     def wait_for(self, stream: str, seq: int) -> bool:
@@ -312,6 +312,16 @@ def _exit_grace() -> float:
     """Seconds a terminated child may take to flush: the longest shutdown_timeout, plus one."""
     pipelines = list(_live)
     return max((p.config.shutdown_timeout for p in pipelines), default=0.0) + 1.0
+
+
+def _unsent() -> str:
+    """What every live pipeline still holds, read without its lock (which may be held)."""
+    counts = {METRIC: 0, ERROR: 0}
+    for pipeline in list(_live):
+        for name, stream in list(pipeline.buffer.streams.items()):
+            counts[name] += stream.enqueued - stream.settled
+    return (f"{quantity(counts[METRIC], METRIC)} and {quantity(counts[ERROR], ERROR)} "
+            "were not delivered")
 
 
 def _close_all_at_exit() -> None:

@@ -187,8 +187,17 @@ def in_child_process() -> bool:
     return mp is not None and mp.parent_process() is not None
 
 
+def _nothing_known() -> str:
+    return "records still unsent are lost"
+
+
+#: Says what the live clients have not delivered, without taking a lock (see pipeline).
+_unsent: Callable[[], str] = _nothing_known
+
+
 def prepare_process(
-    close_all: Callable[[], None], grace: Callable[[], float], handle_sigterm: bool = True
+    close_all: Callable[[], None], grace: Callable[[], float], handle_sigterm: bool = True,
+    unsent: Optional[Callable[[], str]] = None,
 ) -> None:
     """Make sure this process flushes when it ends; cheap after the first call.
 
@@ -200,7 +209,9 @@ def prepare_process(
     any process, from its main thread and with ``handle_sigterm``, a SIGTERM
     left at its default gets dxtrack's handler (see :class:`_UnwindOnSigterm`).
     """
-    global _finalizer_pid, _handler_pid
+    global _finalizer_pid, _handler_pid, _unsent
+    if unsent is not None:
+        _unsent = unsent
     pid = os.getpid()
     on_main_thread = threading.current_thread() is threading.main_thread()
     if not handle_sigterm and _handler_pid == pid:
@@ -327,7 +338,7 @@ class _UnwindOnSigterm:
             return  # already flushing at exit: let it finish within its bound
         signal.signal(signal.SIGTERM, signal.SIG_IGN if in_child_process() else signal.SIG_DFL)
         grace = self.grace()
-        watchdog = threading.Timer(2 * grace, os._exit, args=(SIGTERM_STATUS,))
+        watchdog = threading.Timer(2 * grace, self._give_up, args=(2 * grace,))
         watchdog.daemon = True
         # Held back during a fork, this runs inside the fork hook, which would swallow
         # SystemExit: then the thread flushes at once and ends the process itself.
@@ -343,6 +354,15 @@ class _UnwindOnSigterm:
             pass
         if not in_fork_hook:
             raise SystemExit(SIGTERM_STATUS)
+
+    def _give_up(self, after: float) -> None:
+        """The watchdog: say what is left unsent, then end the process. Written straight to
+        standard error: the logging module's locks may be held by the thread it cuts short."""
+        try:
+            os.write(2, (f"dxtrack: ended the process {after:g} s after SIGTERM; "
+                         f"{_unsent()}\n").encode())
+        finally:
+            os._exit(SIGTERM_STATUS)
 
     def _flush_and_end(self, unwind: float) -> None:
         main = threading.main_thread()

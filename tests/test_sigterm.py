@@ -241,7 +241,9 @@ class TestSignalsDuringError:
             print("finally ran", flush=True)
     """)
 
-    @pytest.mark.parametrize("name, status", [("SIGTERM", SIGTERM_STATUS), ("SIGINT", -signal.SIGINT)])
+    @pytest.mark.parametrize(
+        "name, status", [("SIGTERM", SIGTERM_STATUS), ("SIGINT", -signal.SIGINT)]
+    )
     def test_the_signal_acts_once_the_record_is_made(
         self, tmp_path: Path, name: str, status: int
     ) -> None:
@@ -255,3 +257,23 @@ class TestSignalsDuringError:
         assert [r["exception"]["value"] for r in landed(tmp_path / "out", "error")] == [
             "no price on page"
         ]
+
+
+class TestTheWatchdog:
+    """Whatever hangs after a SIGTERM, the process ends within twice the grace, saying so."""
+
+    def test_a_sink_that_never_closes(self, tmp_path: Path) -> None:
+        body = textwrap.dedent("""
+            from dxtrack import MemorySink
+            class Stuck(MemorySink):
+                def close(self):
+                    time.sleep(60)
+            dxtrack.configure(stage="test", context="c", run_id="r", sink=Stuck(),
+                              shutdown_timeout=0.5)
+            dxtrack.metric("m", 1)
+            ready()
+        """)
+        job = start_job(tmp_path, body)
+        stderr = terminate(job)
+        assert job.returncode == SIGTERM_STATUS, stderr
+        assert "dxtrack: ended the process 3 s after SIGTERM; 0 metrics and 0 errors were" in stderr
