@@ -145,6 +145,7 @@ class RingBuffer:
         self.wake = threading.Condition(self.lock)      # the worker waits here
         self.progress = threading.Condition(self.lock)  # callers wait here
         self._busy = False  # the lock's holder is half way through a change
+        self._folding = False  # _fold() is running: the puts it makes do not start another
         self._waiting: Set[int] = set()  # threads inside a wait of this buffer
         self._side: Deque[Tuple[str, bytes, bool]] = collections.deque()  # see the docstring
         self.streams: Dict[str, _Stream] = {METRIC: _Stream(METRIC), ERROR: _Stream(ERROR)}
@@ -179,57 +180,54 @@ class RingBuffer:
                 return DEFERRED
             self._busy = True
             try:
-                seq = self._append(stream, body, urgent)
+                if self.closing:
+                    return CLOSED
+                s = self.streams[stream]
+                queue = s.queue
+                size = len(body)
+                if len(queue) >= self.max_records or s.bytes + size > self.max_bytes:
+                    s.urgent = True  # a full buffer is sent now, whatever the mode
+                    self._wake_worker(s)
+                    if not self._make_room(s, size):
+                        self.dropped["buffer_full"] += 1
+                        s.drops += 1
+                        return DROPPED
+                if not queue and not urgent:
+                    s.due = self.clock.monotonic() + self.flush_interval * (
+                        1.0 + _INTERVAL_JITTER * (2.0 * random.random() - 1.0)
+                    )
+                queue.append(body)
+                s.bytes += size
+                seq = s.enqueued = s.enqueued + 1
+                if urgent:
+                    s.urgent = True
+                # An idle worker is woken for urgent records, a ready batch, and the first
+                # record of an empty queue (whose due time may come before what it waits for).
+                if self.worker_idle and (
+                    urgent or len(queue) == 1 or len(queue) >= self.ready_lines
+                    or s.bytes >= self.ready_bytes
+                ):
+                    self._wake()
             finally:
                 self._busy = False
-            if self._side:
+            if self._side and not self._folding:
                 self._fold()
         if not self.worker_running:
             self.start_worker()
         return seq
 
-    def _append(self, stream: str, body: bytes, urgent: bool) -> int:
-        if self.closing:
-            return CLOSED
-        s = self.streams[stream]
-        queue = s.queue
-        size = len(body)
-        if len(queue) >= self.max_records or s.bytes + size > self.max_bytes:
-            s.urgent = True  # a full buffer is sent now, whatever the mode
-            self._wake_worker(s)
-            if not self._make_room(s, size):
-                self.dropped["buffer_full"] += 1
-                s.drops += 1
-                return DROPPED
-        if not queue and not urgent:
-            s.due = self.clock.monotonic() + self.flush_interval * (
-                1.0 + _INTERVAL_JITTER * (2.0 * random.random() - 1.0)
-            )
-        queue.append(body)
-        s.bytes += size
-        s.enqueued += 1
-        if urgent:
-            s.urgent = True
-        # An idle worker is woken for urgent records, a ready batch, and the first record
-        # of an empty queue (whose due time may come before what the worker waits for).
-        if self.worker_idle and (
-            urgent or len(queue) == 1 or len(queue) >= self.ready_lines
-            or s.bytes >= self.ready_bytes
-        ):
-            self._wake()
-        return s.enqueued
-
     def _fold(self) -> None:
-        """Queue the records that interrupting code left aside (the lock is held)."""
-        self._busy = True
+        """Queue the records that interrupting code left aside (the lock is held, and
+        nothing is half done)."""
+        self._folding = True
         try:
             side = self._side
             while side:
                 stream, body, urgent = side.popleft()
-                if self._append(stream, body, urgent) == CLOSED:
+                if self.put(stream, body, urgent) == CLOSED:
                     self.dropped["closed"] += 1  # its caller was told DEFERRED: count it here
         finally:
-            self._busy = False
+            self._folding = False
 
     def _make_room(self, s: _Stream, size: int) -> bool:
         if self.on_full == "drop_oldest":

@@ -31,7 +31,7 @@ def _code(*names: str) -> Set[types.CodeType]:
 
 
 #: The buffer's code that runs while its lock is held, on the caller's side and the worker's.
-CALLER_CODE = _code("put", "_append", "_fold", "_make_room")
+CALLER_CODE = _code("put", "_fold", "_make_room")
 WORKER_CODE = _code("take", "_take_batch", "settle")
 
 HANG = 20.0  # seconds after which a scenario counts as deadlocked
