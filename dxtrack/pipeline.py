@@ -70,7 +70,7 @@ class Pipeline:
         self._start_lock = threading.Lock()
         self._closed_ok: Optional[bool] = None
         self._close_lock = threading.Lock()
-        self._closing: Optional[threading.Event] = None  # set once a close() has ended
+        self._closing: Optional[threading.Event] = None  # the close under way; set when done
         with _live_lock:
             _live.add(self)
         self._prepare_process()
@@ -309,7 +309,8 @@ def _after_fork_in_child() -> None:
 
 
 def _exit_grace() -> float:
-    """Seconds a terminated child may take to flush: the longest shutdown_timeout, plus one."""
+    """One grace after a SIGTERM: the longest shutdown_timeout, plus one second. The main
+    thread gets one to unwind, the flush one more (see processes._UnwindOnSigterm)."""
     pipelines = list(_live)
     return max((p.config.shutdown_timeout for p in pipelines), default=0.0) + 1.0
 

@@ -19,9 +19,11 @@ What dxtrack does so that records survive ``multiprocessing``:
   Interpreter exit and ``multiprocessing``'s child exit both join non-daemon
   threads, so the flush happens even when the SIGTERM lands while
   ``multiprocessing`` runs its finalizers (where the ``SystemExit`` aborts
-  those still to run, dxtrack's among them). A second SIGTERM, or the bound
-  passing, ends the process at once. A handler the user installed is left
-  alone; the default comes back when the last client closes.
+  those still to run, dxtrack's among them). A second SIGTERM ends the main
+  process at once; a child ignores it while it flushes (a SIGTERM to the
+  process group reaches a pool worker twice). Two graces end the process
+  whatever happens. A handler the user installed is left alone; the default
+  comes back when the last client closes.
 - **a SIGTERM the main thread has not acted on**: Python runs a handler only
   when the main thread runs bytecode again, and a pool worker's main thread
   can sleep forever in a C call that missed the signal (it landed between
