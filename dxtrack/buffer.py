@@ -263,10 +263,10 @@ class RingBuffer:
         return False
 
     def wait_settled(
-        self, targets: Dict[str, int], timeout: Optional[float], in_outage: bool = True
+        self, targets: Dict[str, int], timeout: Optional[float], through_outage: bool = True
     ) -> bool:
         """Wait until every stream has settled up to its target; False once ``timeout``
-        real seconds have passed, or, with ``in_outage=False``, as soon as the sink is
+        real seconds have passed, or, with ``through_outage=False``, as soon as the sink is
         failing (:meth:`report_attempt`), or while the worker waits to retry a batch of
         either stream (it serves one batch at a time): the records still wait for their
         retries, the caller does not."""
@@ -284,7 +284,7 @@ class RingBuffer:
                 # A record made once its stream was known to be failing is not waited for at
                 # all; one already on its way is let go when the worker starts to back off (if
                 # it failed for good, it settles at once).
-                outage = not in_outage and any(
+                outage = not through_outage and any(
                     streams[name].outage and target > streams[name].outage_after
                     for name, target in targets.items()
                 )
@@ -292,7 +292,7 @@ class RingBuffer:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         return False
-                    if outage or (self.backing_off and not in_outage):
+                    if outage or (self.backing_off and not through_outage):
                         return False
                     self.clock.wait(self.progress, remaining)
                 return True

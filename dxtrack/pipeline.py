@@ -88,7 +88,9 @@ class Pipeline:
         """
         if in_delivery_thread():
             return False
-        return self.buffer.wait_settled({stream: seq}, self.config.sync_timeout, in_outage=False)
+        return self.buffer.wait_settled(
+            {stream: seq}, self.config.sync_timeout, through_outage=False
+        )
 
     def put_errors(self, bodies: Sequence[bytes], wait: bool = True) -> List[int]:
         """Queue error bodies together, then wait once if the mode (and ``wait``) says so.

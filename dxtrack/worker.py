@@ -21,7 +21,7 @@ import queue
 import random
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from ._logging import RateLimitedLog
 from .buffer import RingBuffer
@@ -77,7 +77,6 @@ class Worker:
         self.sender = _Sender(sink) if getattr(sink, "blocking_io", False) else None
         #: An attempt longer than this is abandoned even with time left, to leave room to retry.
         self.attempt_cap: float = getattr(sink, "attempt_timeout", None) or retry_deadline
-        self.lost: Dict[str, int] = {}
 
     def run(self, deadline: Optional[float] = None) -> None:
         """Send batches until stopped; with a ``deadline`` (monotonic), none after it."""
@@ -113,7 +112,7 @@ class Worker:
                 failed += result.failed
                 buffer.report_attempt(stream, sent > 0)
                 if result.failed:
-                    self._lost(stream, result.failed, result.error or "refused")
+                    self._lost(stream, result.failed, failed, result.error or "refused")
                 pending = result.retry
                 if not pending:
                     break
@@ -132,14 +131,16 @@ class Worker:
                         continue
                 why = "retry_deadline passed" if left <= 0 else "the client stopped"
                 failed += len(pending)
-                self._lost(stream, len(pending), f"gave up ({why}): {result.error}")
+                self._lost(stream, len(pending), failed, f"gave up ({why}): {result.error}")
                 pending = ()
         finally:
             # Anything still pending here means an unexpected exception: count it lost.
             buffer.settle(stream, first, delivered, failed + len(pending))
 
-    def _lost(self, stream: str, count: int, why: str) -> None:
-        total = self.lost[stream] = self.lost.get(stream, 0) + count
+    def _lost(self, stream: str, count: int, in_batch: int, why: str) -> None:
+        """Log ``count`` records lost, with the total: those the buffer has settled as failed
+        (read without its lock: a log line) and the ``in_batch`` of the batch at hand."""
+        total = self.buffer.streams[stream].failed + in_batch
         self.log.error(
             f"lost:{stream}", "dxtrack could not deliver %s (%s in all so far): %s",
             quantity(count, stream), f"{total:,}", why,

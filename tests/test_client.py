@@ -49,6 +49,22 @@ def memory(make_client: MakeClient) -> Iterator[Any]:
     yield make_client(sink=sink), sink
 
 
+class Unreadable(Mapping):  # type: ignore[type-arg]
+    """Metadata whose every read raises ``failure``: a lazy mapping whose backend is gone."""
+
+    def __init__(self, failure: Exception) -> None:
+        self.failure = failure
+
+    def __getitem__(self, key: Any) -> Any:
+        raise self.failure
+
+    def __iter__(self) -> Iterator[Any]:
+        raise self.failure
+
+    def __len__(self) -> int:
+        return 1
+
+
 def fail_in_fetch(shop: str) -> BaseException:
     def fetch(name: str) -> None:
         raise ConnectionError(f"{name} unreachable")
@@ -336,21 +352,11 @@ class TestErrorCall:
     def test_a_mapping_that_explodes_does_not_raise(
         self, memory: Any, caplog_dxtrack: pytest.LogCaptureFixture
     ) -> None:
-        class Exploding(Mapping):  # type: ignore[type-arg]
-            def __getitem__(self, key: Any) -> Any:
-                raise RuntimeError("nope")
-
-            def __iter__(self) -> Iterator[Any]:
-                raise RuntimeError("nope")
-
-            def __len__(self) -> int:
-                return 1
-
         client, sink = memory
         try:
             raise ValueError("app failure")
         except ValueError:
-            client.error(metadata=Exploding())
+            client.error(metadata=Unreadable(RuntimeError("nope")))
             assert str(sys.exc_info()[1]) == "app failure"
         [record] = sink.records("error")
         assert (record["exception"]["value"], record["metadata"]) == ("app failure", {})
@@ -430,19 +436,9 @@ class TestErrorsCall:
         assert client.stats()["enqueued"] == 0
 
     def test_metadata_that_fails_to_read_is_a_type_error(self, memory: Any) -> None:
-        class Gone(Mapping):  # type: ignore[type-arg]
-            def __getitem__(self, key: Any) -> Any:
-                raise ConnectionError("gone")
-
-            def __iter__(self) -> Iterator[Any]:
-                raise ConnectionError("gone")
-
-            def __len__(self) -> int:
-                return 1
-
         client, _ = memory
         with pytest.raises(TypeError, match="metadata could not be read"):
-            client.errors([ValueError("a")], metadata=Gone())
+            client.errors([ValueError("a")], metadata=Unreadable(ConnectionError("gone")))
         assert client.stats()["enqueued"] == 0
 
     def test_empty_records_nothing(self, memory: Any) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Iterator, List, Optional
 
 import pytest
 from faultproxy import FaultProxy, trickle
@@ -129,15 +129,29 @@ def proxy(landing: Any, moto_url: str) -> Iterator[FaultProxy]:
         yield proxy
 
 
+TRICKLE = trickle(b'{"FailedPutCount": 0, "RequestResponses": []}', 0.5)
+
+
+def through_proxy(
+    landing: Any, proxy: FaultProxy, make_client: Callable[..., DXTrack],
+    attempt_timeout: Optional[float] = None, **options: Any,
+) -> DXTrack:
+    """A Firehose client sending through ``proxy``, its attempts cut at ``attempt_timeout``."""
+    client = make_client(**dict(landing.client_options(), endpoint_url=proxy.url), **options)
+    if attempt_timeout is not None:
+        client.sink.attempt_timeout = attempt_timeout  # type: ignore[union-attr]
+    return client
+
+
 class TestOneAttemptIsBounded:
     """A response trickling in byte by byte cannot hold the worker past its batch's time."""
 
     def test_a_trickle_is_abandoned_and_the_batch_fails_at_its_deadline(
         self, landing: Any, proxy: FaultProxy, make_client: Callable[..., DXTrack]
     ) -> None:
-        proxy.always(trickle(b'{"FailedPutCount": 0, "RequestResponses": []}', 0.5))
-        client = make_client(**dict(landing.client_options(), endpoint_url=proxy.url),
-                             use_async_requests=True, retry_deadline=2)
+        proxy.always(TRICKLE)
+        client = through_proxy(landing, proxy, make_client, use_async_requests=True,
+                               retry_deadline=2)
         for n in range(10):
             client.metric("trickled", n)
         # Before the fix the first attempt alone lasted the whole trickle (23 s here, since
@@ -151,10 +165,9 @@ class TestOneAttemptIsBounded:
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         monkeypatch.setattr(dxtrack.worker, "BACKOFF_CAP", 0.05)
-        proxy.script(trickle(b'{"FailedPutCount": 0, "RequestResponses": []}', 0.5))
-        client = make_client(**dict(landing.client_options(), endpoint_url=proxy.url),
-                             buffer_metrics=True, retry_deadline=30)
-        client.sink.attempt_timeout = 1.0  # type: ignore[union-attr]
+        proxy.script(TRICKLE)
+        client = through_proxy(landing, proxy, make_client, attempt_timeout=1.0,
+                               buffer_metrics=True, retry_deadline=30)
         for n in range(10):
             client.metric("trickled", n)
         assert returns_within(HANG, lambda: client.flush(timeout=None))
@@ -189,11 +202,10 @@ class TestSenderThreads:
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         monkeypatch.setattr(dxtrack.worker, "BACKOFF_CAP", 0.05)
-        proxy.always(trickle(b'{"FailedPutCount": 0, "RequestResponses": []}', 0.5))
+        proxy.always(TRICKLE)
         before = set(sender_threads())
-        client = make_client(**dict(landing.client_options(), endpoint_url=proxy.url),
-                             buffer_metrics=True, retry_deadline=6)
-        client.sink.attempt_timeout = 1.0  # type: ignore[union-attr]
+        client = through_proxy(landing, proxy, make_client, attempt_timeout=1.0,
+                               buffer_metrics=True, retry_deadline=6)
         client.metric("trickled", 1)
         assert returns_within(HANG, lambda: client.flush(timeout=None)) is False
         # About six attempts were abandoned; at most two may still wait beside the live one.
