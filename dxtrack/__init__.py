@@ -14,6 +14,7 @@ from .exceptions import ConfigurationError, DXTrackError
 from .handler import DXTrackHandler
 from .sinks import FileSink, MemorySink, PrintSink, SendResult, Sink
 from .timer import Timer
+from .worker import RetryPolicy
 
 __all__ = [
     "Config",
@@ -24,6 +25,7 @@ __all__ = [
     "FileSink",
     "MemorySink",
     "PrintSink",
+    "RetryPolicy",
     "SendResult",
     "Sink",
     "Timer",

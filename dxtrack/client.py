@@ -29,6 +29,7 @@ from .processes import (
 from .records import ERROR, METRIC, RecordBuilder
 from .sinks import Sink, sink_for
 from .timer import Timer
+from .worker import RetryPolicy
 
 __all__ = ["DXTrack"]
 
@@ -53,7 +54,8 @@ class DXTrack:
     worker and counters.
 
     :param clock: the source of time for intervals, deadlines and waits; tests
-        pass a :class:`dxtrack.clock.ManualClock`.
+        pass a :class:`dxtrack.testing.ManualClock`.
+    :param retry: how the worker backs off between attempts (tests make it quick).
     :param inherit: share settings with child processes: ``configure()``
         publishes its non-secret settings in a private file named in the
         environment (never a secret), and an
@@ -63,8 +65,10 @@ class DXTrack:
 
     __version__ = __version__
 
-    def __init__(self, *, clock: Optional[Clock] = None, inherit: bool = False) -> None:
+    def __init__(self, *, clock: Optional[Clock] = None, retry: Optional[RetryPolicy] = None,
+                 inherit: bool = False) -> None:
         self._clock: Clock = clock if clock is not None else SystemClock()
+        self._retry = retry if retry is not None else RetryPolicy()
         self._inherit = inherit
         self._adopted_in: Optional[int] = None
         if inherit:
@@ -121,8 +125,10 @@ class DXTrack:
         return self._use(config, publish=self._inherit)
 
     def _use(self, config: Config, publish: bool) -> Config:
-        builder = RecordBuilder(config)  # refuses default_metadata keys written as one
-        pipeline = Pipeline(config, sink_for(config), self._clock, self._log)
+        sink = sink_for(config)
+        # Records that fit the sink; refuses default_metadata keys written as one.
+        builder = RecordBuilder(config, max_line_bytes=sink.max_line_bytes)
+        pipeline = Pipeline(config, sink, self._clock, self._log, self._retry)
         with self._lock:
             old = self._state
             self._state = (builder, pipeline)

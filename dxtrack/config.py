@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from .exceptions import ConfigurationError
+from .sinks.packing import MAX_RECORD_BYTES as FIREHOSE_MAX_RECORD_BYTES
 
 __all__ = [
     "Config",
@@ -52,8 +53,6 @@ DEFAULT_RETRY_DEADLINE = 60.0
 DEFAULT_SYNC_TIMEOUT = 10.0
 #: Largest Firehose record dxtrack builds when packing lines (the service allows 1,024,000).
 DEFAULT_MAX_RECORD_BYTES = 1_000_000
-#: Firehose's own limit on one record, before base64.
-FIREHOSE_MAX_RECORD_BYTES = 1_024_000
 
 #: Longest ``context`` or ``run_id``: they travel in every record.
 MAX_LABEL_CHARS = 1024

@@ -26,8 +26,8 @@ from .processes import (
     release_sigterm,
 )
 from .records import ERROR, METRIC
-from .sinks.base import Sink, sink_after_fork, sink_stats
-from .worker import Worker, in_delivery_thread, quantity
+from .sinks.base import Sink
+from .worker import DEFAULT_RETRY, RetryPolicy, Worker, in_delivery_thread, quantity
 
 __all__ = ["Pipeline"]
 
@@ -38,8 +38,10 @@ _live_lock = threading.Lock()
 class Pipeline:
     """Moves the records of one configuration to one sink."""
 
-    def __init__(self, config: Config, sink: Sink, clock: Clock, log: RateLimitedLog) -> None:
+    def __init__(self, config: Config, sink: Sink, clock: Clock, log: RateLimitedLog,
+                 retry: RetryPolicy = DEFAULT_RETRY) -> None:
         self.config = config
+        self.retry = retry
         self.sink = sink
         self.clock = clock
         self.log = log
@@ -114,7 +116,8 @@ class Pipeline:
             if self.worker is not None:
                 self.worker.close()  # one that died: its sender thread goes with it
             worker = self.worker = Worker(
-                buffer, self.sink, retry_deadline=self.config.retry_deadline, log=self.log
+                buffer, self.sink, retry_deadline=self.config.retry_deadline, log=self.log,
+                retry=self.retry,
             )
             thread = threading.Thread(
                 target=self._run_worker, args=(worker,), name="dxtrack-worker", daemon=True
@@ -248,7 +251,8 @@ class Pipeline:
         """
         self.buffer.close()
         deadline = None if timeout is None else time.monotonic() + timeout
-        Worker(self.buffer, self.sink, retry_deadline=0.0, log=self.log).run(deadline)
+        worker = Worker(self.buffer, self.sink, retry_deadline=0.0, log=self.log, retry=self.retry)
+        worker.run(deadline)
 
     # -- introspection and process events ----------------------------------------
     def finished(self) -> bool:
@@ -257,7 +261,7 @@ class Pipeline:
 
     def stats(self) -> Dict[str, object]:
         snapshot = self.buffer.snapshot()
-        snapshot.update(sink_stats(self.sink))
+        snapshot.update(self.sink.stats())
         if self.forwarder is not None:
             snapshot.update(self.forwarder.stats())
         return snapshot
@@ -271,7 +275,7 @@ class Pipeline:
         self._close_lock = threading.Lock()
         self._closing = None
         self.log.after_fork_in_child()
-        sink_after_fork(self.sink)
+        self.sink.after_fork()
 
 
 def _teed(

@@ -26,8 +26,9 @@ from typing import Any, Dict, Mapping, Optional
 
 import orjson
 
-from .config import FIREHOSE_MAX_RECORD_BYTES, Config
+from .config import Config
 from .exceptions import ConfigurationError
+from .sinks.base import Sink
 
 __all__ = ["ERROR", "METRIC", "ID_OVERHEAD", "RecordBuilder", "finalize"]
 
@@ -36,8 +37,6 @@ ERROR = "error"
 
 #: Bytes :func:`finalize` adds to an open body: ``,"id":"<64 hex>"}`` and ``\n``.
 ID_OVERHEAD = len(b',"id":""}') + 64 + 1
-#: Largest record JSON (without id) that still fits one Firehose record once finalized.
-MAX_BODY_BYTES = FIREHOSE_MAX_RECORD_BYTES - ID_OVERHEAD + 1
 
 _DATETIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 _UTC = _dt.timezone.utc
@@ -61,11 +60,14 @@ def finalize(body: bytes) -> bytes:
 
 
 class RecordBuilder:
-    """Turns calls into serialized record bodies for one configuration."""
+    """Turns calls into serialized record bodies for one configuration; finalized, each
+    fits in ``max_line_bytes``, the limit of the sink they go to."""
 
-    __slots__ = ("_context", "_stage", "_run_id", "_default", "_datetime_format")
+    __slots__ = ("_context", "_stage", "_run_id", "_default", "_datetime_format", "_max_body")
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, max_line_bytes: int = Sink.max_line_bytes) -> None:
+        # The longest record JSON (with its brace, without the id) that fits once finalized.
+        self._max_body = max_line_bytes - ID_OVERHEAD + 1
         self._context = config.context
         self._stage = config.stage
         self._run_id = config.run_id
@@ -114,10 +116,11 @@ class RecordBuilder:
             body = _dumps(record)
         except TypeError:  # a key that is not a str, or a value orjson does not know
             body = _serialize_leniently(record, check_keys=record["metadata"])  # plain just failed
-        if len(body) > MAX_BODY_BYTES:
+        if len(body) > self._max_body:
             raise ValueError(
                 f"metric {name!r} serializes to {len(body) + ID_OVERHEAD - 1:,} bytes, over the "
-                f"Firehose record limit of {FIREHOSE_MAX_RECORD_BYTES:,} bytes: trim its metadata"
+                f"Firehose record limit of {self._max_body + ID_OVERHEAD - 1:,} bytes: trim its "
+                "metadata"
             )
         return body[:-1]
 
@@ -140,8 +143,8 @@ class RecordBuilder:
             body = _dumps(record)
         except TypeError:
             body = _serialize_leniently(record, check_keys=record["metadata"])
-        if len(body) > MAX_BODY_BYTES:
-            body = _shrink_error(record, len(body) - MAX_BODY_BYTES)
+        if len(body) > self._max_body:
+            body = _shrink_error(record, len(body) - self._max_body, self._max_body)
         return body[:-1]
 
     # -- shared pieces -----------------------------------------------------
@@ -337,8 +340,8 @@ def _shown(value: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
-def _shrink_error(record: Dict[str, Any], excess: int) -> bytes:
-    """Make an oversized error record fit one Firehose record, marking every cut.
+def _shrink_error(record: Dict[str, Any], excess: int, max_body: int) -> bytes:
+    """Make an oversized error record fit ``max_body`` bytes, marking every cut.
 
     The exception is what an error record is for, so large metadata goes
     first. Then the value and the traceback are cut in the middle (head and
@@ -347,10 +350,10 @@ def _shrink_error(record: Dict[str, Any], excess: int) -> bytes:
     traceback, and the frames above it must survive.
     """
     exception = record["exception"]
-    if len(_serialize(record["metadata"])) > MAX_BODY_BYTES // 2:
+    if len(_serialize(record["metadata"])) > max_body // 2:
         record["metadata"] = dict(_METADATA_REMOVED)
         body = _serialize(record)
-        excess = len(body) - MAX_BODY_BYTES
+        excess = len(body) - max_body
         if excess <= 0:
             return body
     value_bytes = len(_serialize_text(exception["value"]))
@@ -360,14 +363,14 @@ def _shrink_error(record: Dict[str, Any], excess: int) -> bytes:
     if value_excess > 0:
         exception["value"] = _cut_middle(exception["value"], value_excess)
     body = _serialize(record)
-    excess = len(body) - MAX_BODY_BYTES
+    excess = len(body) - max_body
     if excess > 0:
         exception["traceback"] = _cut_middle(exception["traceback"], excess)
         body = _serialize(record)
-    if len(body) > MAX_BODY_BYTES:
+    if len(body) > max_body:
         record["metadata"] = dict(_METADATA_REMOVED)
         body = _serialize(record)
-    while len(body) > MAX_BODY_BYTES:  # only pathological escapes get here
+    while len(body) > max_body:  # only pathological escapes get here
         exception["traceback"] = exception["traceback"][: len(exception["traceback"]) // 2]
         exception["value"] = exception["value"][: len(exception["value"]) // 2]
         body = _serialize(record)

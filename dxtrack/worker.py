@@ -9,35 +9,50 @@ a backoff at once. Nothing it meets is ever raised into the application.
 A sink that talks to the network (``blocking_io = True``) sends from a thread
 of its own, so that the worker can give up on one attempt when the time left
 to its batch runs out (or the sink's ``attempt_timeout``), however slowly the
-other end answers: the attempt is
-abandoned (its thread ends when the call does), the sink is told to drop its
-connection, and the lines are retried or counted as failed.
+other end answers: the attempt is abandoned (its thread ends when the call
+does), the sink is told to drop its connection, and the lines are retried or
+counted as failed. How it retries is a :class:`RetryPolicy`, which tests replace.
+
+A worker and its sender thread belong to the process that made them: after a
+fork the pipeline drops them and starts new ones.
 """
 
 from __future__ import annotations
 
-import os
+import functools
 import queue
 import random
 import threading
 import time
-from typing import Any, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence
 
 from ._logging import RateLimitedLog
 from .buffer import RingBuffer
 from .processes import block_signals_in_this_thread
 from .records import ERROR, finalize
-from .sinks.base import DELIVERED, SendResult, Sink
+from .sinks.base import SendResult, Sink
 
-__all__ = ["Worker", "in_delivery_thread", "quantity"]
+__all__ = ["DEFAULT_RETRY", "RetryPolicy", "Worker", "in_delivery_thread", "quantity"]
 
-#: First backoff ceiling, seconds; doubles per attempt up to :data:`BACKOFF_CAP`.
-BACKOFF_BASE = 0.1
-BACKOFF_CAP = 10.0
-#: An attempt is never cut shorter than this, so a slow but healthy endpoint still answers.
-MIN_ATTEMPT = 1.0
-#: Abandoned attempts that may still be waiting for an answer before no new one starts.
-MAX_ABANDONED = 2
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How the worker retries what the sink could not deliver (``retry_deadline``, how long
+    it goes on, is an option of ``configure()``). Seconds throughout."""
+
+    #: First backoff ceiling; doubles per attempt up to ``backoff_cap``.
+    backoff_base: float = 0.1
+    backoff_cap: float = 10.0
+    #: An attempt is never cut shorter than this, so a slow but healthy endpoint still answers.
+    min_attempt: float = 1.0
+    #: Abandoned attempts that may still be waiting for an answer before no new one starts.
+    max_abandoned: int = 2
+    #: The backoff drawn under a ceiling: full jitter, anywhere from 0 to the ceiling.
+    jitter: Callable[[float], float] = functools.partial(random.uniform, 0.0)
+
+
+DEFAULT_RETRY = RetryPolicy()
 
 _thread_role = threading.local()
 
@@ -64,19 +79,16 @@ class Worker:
         *,
         retry_deadline: float,
         log: RateLimitedLog,
-        backoff_base: Optional[float] = None,
-        backoff_cap: Optional[float] = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         self.buffer = buffer
         self.sink = sink
         self.retry_deadline = retry_deadline
-        # Read at construction, not import, so tests and users may tune the module values.
-        self.backoff_base = BACKOFF_BASE if backoff_base is None else backoff_base
-        self.backoff_cap = BACKOFF_CAP if backoff_cap is None else backoff_cap
+        self.policy = retry
         self.log = log
-        self.sender = _Sender(sink) if getattr(sink, "blocking_io", False) else None
+        self.sender = _Sender(sink, retry.max_abandoned) if sink.blocking_io else None
         #: An attempt longer than this is abandoned even with time left, to leave room to retry.
-        self.attempt_cap: float = getattr(sink, "attempt_timeout", None) or retry_deadline
+        self.attempt_cap: float = sink.attempt_timeout or retry_deadline
 
     def run(self, deadline: Optional[float] = None) -> None:
         """Send batches until stopped; with a ``deadline`` (monotonic), none after it."""
@@ -94,7 +106,7 @@ class Worker:
 
     def deliver(self, stream: str, bodies: List[bytes], first: int) -> None:
         """Send one batch until it is delivered, failed, or the client stops."""
-        buffer = self.buffer
+        buffer, policy = self.buffer, self.policy
         clock = buffer.clock
         pending: Sequence[bytes] = [finalize(body) for body in bodies]
         delivered = failed = attempt = 0
@@ -106,7 +118,7 @@ class Worker:
                     started + self.retry_deadline - clock.monotonic()
                 )
                 result = self._attempt(stream, pending, max(min(left, self.attempt_cap),
-                                                            MIN_ATTEMPT))
+                                                            policy.min_attempt))
                 sent = len(pending) - len(result.retry) - result.failed
                 delivered += sent
                 failed += result.failed
@@ -124,9 +136,9 @@ class Worker:
                         f"retry:{stream}", "dxtrack will retry %s: %s",
                         quantity(len(pending), stream), result.error,
                     )
-                    ceiling = min(self.backoff_cap, self.backoff_base * (2 ** min(attempt, 30)))
+                    ceiling = min(policy.backoff_cap, policy.backoff_base * 2 ** min(attempt, 30))
                     attempt += 1
-                    delay = min(random.uniform(0.0, ceiling), left)
+                    delay = min(policy.jitter(ceiling), left)
                     if buffer.wait_backoff(delay, len(pending), hurry):
                         continue
                 why = "retry_deadline passed" if left <= 0 else "the client stopped"
@@ -159,33 +171,31 @@ class Worker:
 
 def _send_once(sink: Sink, stream: str, lines: Sequence[bytes]) -> SendResult:
     try:
-        result = sink.send(stream, lines)
+        return sink.send(stream, lines)
     except Exception as exc:
         return SendResult(retry=lines, error=f"{type(exc).__name__}: {exc}")
-    return DELIVERED if result is None else result
 
 
 class _Sender:
     """Runs a blocking sink's ``send`` in a thread the worker can walk away from.
 
-    An abandoned thread ends when its call returns, and then closes the
-    connection it used. At most :data:`MAX_ABANDONED` of them may still be
-    waiting: past that, attempts are refused (and retried later) rather than
-    piling up threads and connections while an endpoint hangs.
+    An abandoned thread ends when its call returns. At most ``max_abandoned``
+    of them may still be waiting: past that, attempts are refused (and retried
+    later) rather than piling up threads and connections while an endpoint hangs.
     """
 
-    def __init__(self, sink: Sink) -> None:
+    def __init__(self, sink: Sink, max_abandoned: int) -> None:
         self.sink = sink
+        self.max_abandoned = max_abandoned
         self.requests: Optional[queue.SimpleQueue[Any]] = None
-        self.pid = 0
         self.thread: Optional[threading.Thread] = None
         self.abandoned: List[threading.Thread] = []
 
     def send(self, stream: str, lines: Sequence[bytes], bound: float) -> SendResult:
         requests = self.requests
-        if requests is None or self.pid != os.getpid():
+        if requests is None:
             self.abandoned = [t for t in self.abandoned if t.is_alive()]
-            if len(self.abandoned) >= MAX_ABANDONED and self.pid == os.getpid():
+            if len(self.abandoned) >= self.max_abandoned:
                 return SendResult(retry=lines, error=(
                     f"{len(self.abandoned)} abandoned attempts are still waiting for an answer; "
                     "not starting another"
@@ -199,8 +209,8 @@ class _Sender:
         try:
             return reply.get(timeout=bound)
         except queue.Empty:
-            drop = getattr(self.sink, "drop_connection", None)
-            requests.put(drop() if callable(drop) else None)  # what that thread closes at its end
+            self.sink.drop_connection()
+            requests.put(None)  # that thread ends once its call returns
             if self.thread is not None:
                 self.abandoned.append(self.thread)
             self.requests = None
@@ -210,7 +220,7 @@ class _Sender:
             ))
 
     def close(self) -> None:
-        if self.requests is not None and self.pid == os.getpid():
+        if self.requests is not None:
             self.requests.put(None)
         self.requests = None
 
@@ -220,20 +230,10 @@ class _Sender:
         def serve() -> None:
             block_signals_in_this_thread()
             _thread_role.delivery = True
-            while True:
-                work = requests.get()
-                if not isinstance(work, tuple):  # the end: close what we were left, if anything
-                    close = getattr(work, "close", None)
-                    if callable(close):
-                        try:
-                            close()
-                        except Exception:  # noqa: BLE001 - a connection that is gone already
-                            pass
-                    return
-                stream, lines, reply = work
+            for stream, lines, reply in iter(requests.get, None):  # None: the end
                 reply.put(_send_once(self.sink, stream, lines))
 
         self.thread = threading.Thread(target=serve, name="dxtrack-sender", daemon=True)
         self.thread.start()
-        self.requests, self.pid = requests, os.getpid()
+        self.requests = requests
         return requests

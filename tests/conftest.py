@@ -108,7 +108,7 @@ def make_client() -> Iterator[Callable[..., DXTrack]]:
     made: List[DXTrack] = []
 
     def make(**options: Any) -> DXTrack:
-        client = DXTrack(clock=options.pop("clock", None))
+        client = DXTrack(clock=options.pop("clock", None), retry=options.pop("retry", None))
         options.setdefault("context", "tests")
         options.setdefault("run_id", "run-1")
         options.setdefault("stage", "test")

@@ -1,4 +1,4 @@
-"""Test doubles of dxtrack's own Sink protocol: sinks that stall, hang, raise, fail or crash.
+"""Test doubles of dxtrack's own Sink base class: sinks that stall, hang, raise, fail or crash.
 
 They all extend :class:`dxtrack.MemorySink`, so whatever they finally accept
 can be read back with ``lines()``, ``records()`` and ``wait_for()``. Each one

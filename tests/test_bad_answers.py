@@ -17,8 +17,7 @@ from typing import Any, Callable, Iterator, List
 import pytest
 from faultproxy import Behaviour, FaultProxy, answer, partial, truncated
 
-import dxtrack.worker
-from dxtrack import Config, DXTrack
+from dxtrack import Config, DXTrack, RetryPolicy
 from dxtrack.sinks.firehose import FirehoseSink
 
 HTML = b"<!DOCTYPE html><html><body><h1>Sign in to the guest Wi-Fi</h1></body></html>"
@@ -45,10 +44,8 @@ BAD_ANSWERS = {
 CASES = pytest.mark.parametrize("bad, says", BAD_ANSWERS.values(), ids=list(BAD_ANSWERS))
 
 
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dxtrack.worker, "BACKOFF_BASE", 0.005)
-    monkeypatch.setattr(dxtrack.worker, "BACKOFF_CAP", 0.05)
+#: Backoff in milliseconds: every client here retries quickly.
+FAST_RETRY = RetryPolicy(backoff_base=0.005, backoff_cap=0.05)
 
 
 @pytest.fixture
@@ -67,7 +64,7 @@ def through(
     def make(**options: Any) -> DXTrack:
         options = dict(landing.client_options(), endpoint_url=proxy.url,
                        use_async_requests=True, buffer_metrics=True, pack_records=False,
-                       **options)
+                       retry=FAST_RETRY, **options)
         return make_client(**options)
 
     return make
@@ -167,7 +164,7 @@ class TestLogLinesCountMetrics:
         caplog.set_level(logging.WARNING, logger="dxtrack")
         proxy.always(partial([0]))  # the one packed record of each call is throttled
         client = make_client(**dict(landing.client_options(), endpoint_url=proxy.url),
-                             buffer_metrics=True, retry_deadline=0.5)
+                             buffer_metrics=True, retry_deadline=0.5, retry=FAST_RETRY)
         record(client, 1000)
         assert client.flush(timeout=15) is False
         assert all(len(call.records) == 1 for call in proxy.calls())  # packed: one record
@@ -182,7 +179,7 @@ class TestLogLinesCountMetrics:
         caplog.set_level(logging.WARNING, logger="dxtrack")
         proxy.always(partial([0]))
         client = make_client(**dict(landing.client_options(), endpoint_url=proxy.url),
-                             buffer_metrics=True, retry_deadline=60)
+                             buffer_metrics=True, retry_deadline=60, retry=FAST_RETRY)
         record(client, 1000)
         assert client.close(timeout=0.5) is False
         assert logged(caplog, "closed with records not delivered (1,000 metrics, 0 errors)")

@@ -36,9 +36,7 @@ import botocore.awsrequest
 import orjson
 import pytest
 
-import dxtrack.pipeline
-import dxtrack.worker
-from dxtrack import Config, DXTrack, MemorySink
+from dxtrack import Config, DXTrack, MemorySink, RetryPolicy
 from dxtrack.sinks.firehose import FirehoseSink
 
 # Firehose's limits, from the service documentation (not from dxtrack's own constants).
@@ -313,28 +311,8 @@ def spare_server() -> Iterator[SpareServer]:
     server.stop()
 
 
-FAST_BACKOFF_BASE = 0.002
-FAST_BACKOFF_CAP = 0.02
-
-
-@pytest.fixture
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Backoff in milliseconds, so retry tests take no time.
-
-    ``Worker`` binds BACKOFF_BASE as a default argument when its module is
-    imported and the pipeline does not pass it, so patching the module
-    constants alone changes nothing; the pipeline's Worker is replaced too.
-    """
-    monkeypatch.setattr(dxtrack.worker, "BACKOFF_BASE", FAST_BACKOFF_BASE)
-    monkeypatch.setattr(dxtrack.worker, "BACKOFF_CAP", FAST_BACKOFF_CAP)
-
-    class FastWorker(dxtrack.worker.Worker):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs["backoff_base"] = FAST_BACKOFF_BASE
-            kwargs["backoff_cap"] = FAST_BACKOFF_CAP
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(dxtrack.pipeline, "Worker", FastWorker)
+#: Backoff in milliseconds, so retry tests take no time.
+FAST_RETRY = RetryPolicy(backoff_base=0.002, backoff_cap=0.02)
 
 
 def big_buffers() -> Dict[str, Any]:
@@ -551,11 +529,11 @@ class TestRetries:
 
     @pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
     def test_partial_failures_and_throttling_deliver_every_record_once(
-        self, landing: Any, make_client: Any, fast_backoff: None, packed: bool
+        self, landing: Any, make_client: Any, packed: bool
     ) -> None:
         client = make_client(
             use_async_requests=True, pack_records=packed, max_record_bytes=2048, retry_deadline=30,
-            **landing.client_options(),
+            retry=FAST_RETRY, **landing.client_options(),
         )
         sink_client = client.sink.client()
         log = CallLog().attach(sink_client)
@@ -589,9 +567,10 @@ class TestRetries:
             assert stats["firehose_records"] == 3_010
 
     def test_only_failed_entries_are_sent_again(
-        self, landing: Any, make_client: Any, fast_backoff: None
+        self, landing: Any, make_client: Any
     ) -> None:
-        client = make_client(buffer_metrics=True, pack_records=False, **landing.client_options())
+        client = make_client(buffer_metrics=True, pack_records=False, retry=FAST_RETRY,
+                             **landing.client_options())
         sink_client = client.sink.client()
         log = CallLog().attach(sink_client)
         failing = {b'"value":3.0', b'"value":7.0'}
@@ -607,9 +586,9 @@ class TestRetries:
         assert client.stats()["retried"] == 2
 
     def test_botocore_does_not_retry_behind_dxtrack(
-        self, landing: Any, make_client: Any, fast_backoff: None
+        self, landing: Any, make_client: Any
     ) -> None:
-        client = make_client(**landing.client_options())
+        client = make_client(retry=FAST_RETRY, **landing.client_options())
         sent: List[int] = []
 
         def first_throttled(request: Any, **_: Any) -> Any:
@@ -630,12 +609,13 @@ class TestEndpointDown:
     """An endpoint that is down delays delivery, within bounds, and never reaches the caller."""
 
     def test_records_made_while_down_land_once_it_is_back(
-        self, landing: Any, make_client: Any, spare_server: SpareServer, fast_backoff: None,
+        self, landing: Any, make_client: Any, spare_server: SpareServer,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
         caplog.set_level(logging.WARNING, logger="dxtrack")
         options = dict(landing.client_options(), endpoint_url=spare_server.url)
-        client = make_client(use_async_requests=True, retry_deadline=30, **options)
+        client = make_client(use_async_requests=True, retry_deadline=30, retry=FAST_RETRY,
+                             **options)
         attempts = FailedAttempts(client.sink.client())
         started = time.monotonic()
         for n in range(200):
@@ -664,12 +644,13 @@ class TestEndpointDown:
         assert stats["retried"] > 0
 
     def test_past_the_retry_deadline_records_count_as_failed(
-        self, landing: Any, make_client: Any, spare_server: SpareServer, fast_backoff: None,
+        self, landing: Any, make_client: Any, spare_server: SpareServer,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
         caplog.set_level(logging.WARNING, logger="dxtrack")
         options = dict(landing.client_options(), endpoint_url=spare_server.url)
-        client = make_client(use_async_requests=True, retry_deadline=0.3, **options)
+        client = make_client(use_async_requests=True, retry_deadline=0.3, retry=FAST_RETRY,
+                             **options)
         for n in range(50):
             client.metric("lost", n)
         client.errors([ValueError("lost too")])
@@ -958,14 +939,15 @@ class TestClientSetup:
         assert sorted(r["metric_name"] for r in landed(landing, "metric")) == ["child", "parent"]
 
     @needs_fork
-    def test_a_sink_used_alone_notices_the_fork_by_its_pid(self, landing: Any) -> None:
+    def test_a_sink_used_alone_starts_afresh_after_its_fork_hook(self, landing: Any) -> None:
         sink = FirehoseSink(sink_config(landing))
         parent_client = sink.client()
         assert sink.send("metric", [b'{"from":"parent"}\n']).error is None
         pid = os.fork()
-        if pid == 0:  # no pipeline, so no after-fork hook: the pid checks must do it
+        if pid == 0:  # no pipeline: the child calls the hook a pipeline's fork hook calls
             own = delivered = counted = False
             try:
+                sink.after_fork()
                 own = sink.client() is not parent_client
                 delivered = sink.send("metric", [b'{"from":"child"}\n']).error is None
                 counted = sink.stats()["put_record_batch_calls"] == 1  # its own call only

@@ -22,9 +22,8 @@ import pytest
 from faultproxy import FaultProxy, trickle
 from sinks_for_tests import FlakySink
 
-import dxtrack.worker
-from dxtrack import DXTrack, SendResult
-from dxtrack.clock import ManualClock
+from dxtrack import DXTrack, RetryPolicy, SendResult
+from dxtrack.testing import ManualClock
 
 HANG = 20.0  # a call still running after this long counts as stalled
 
@@ -129,6 +128,8 @@ def proxy(landing: Any, moto_url: str) -> Iterator[FaultProxy]:
         yield proxy
 
 
+#: Backoff capped at 50 ms; the rest as by default (two abandoned attempts at most).
+QUICK_RETRY = RetryPolicy(backoff_cap=0.05)
 TRICKLE = trickle(b'{"FailedPutCount": 0, "RequestResponses": []}', 0.5)
 
 
@@ -161,13 +162,11 @@ class TestOneAttemptIsBounded:
         assert landing.lines("metric") == []
 
     def test_the_next_attempt_uses_a_new_connection_and_lands(
-        self, landing: Any, proxy: FaultProxy, make_client: Callable[..., DXTrack],
-        monkeypatch: pytest.MonkeyPatch,
+        self, landing: Any, proxy: FaultProxy, make_client: Callable[..., DXTrack]
     ) -> None:
-        monkeypatch.setattr(dxtrack.worker, "BACKOFF_CAP", 0.05)
         proxy.script(TRICKLE)
         client = through_proxy(landing, proxy, make_client, attempt_timeout=1.0,
-                               buffer_metrics=True, retry_deadline=30)
+                               buffer_metrics=True, retry_deadline=30, retry=QUICK_RETRY)
         for n in range(10):
             client.metric("trickled", n)
         assert returns_within(HANG, lambda: client.flush(timeout=None))
@@ -198,16 +197,14 @@ class TestSenderThreads:
         assert len(landing.lines("metric")) == 10
 
     def test_abandoned_attempts_are_bounded(
-        self, landing: Any, proxy: FaultProxy, make_client: Callable[..., DXTrack],
-        monkeypatch: pytest.MonkeyPatch,
+        self, landing: Any, proxy: FaultProxy, make_client: Callable[..., DXTrack]
     ) -> None:
-        monkeypatch.setattr(dxtrack.worker, "BACKOFF_CAP", 0.05)
         proxy.always(TRICKLE)
         before = set(sender_threads())
         client = through_proxy(landing, proxy, make_client, attempt_timeout=1.0,
-                               buffer_metrics=True, retry_deadline=6)
+                               buffer_metrics=True, retry_deadline=6, retry=QUICK_RETRY)
         client.metric("trickled", 1)
         assert returns_within(HANG, lambda: client.flush(timeout=None)) is False
         # About six attempts were abandoned; at most two may still wait beside the live one.
-        assert len(set(sender_threads()) - before) <= 1 + dxtrack.worker.MAX_ABANDONED
-        assert len(proxy.calls()) <= 1 + dxtrack.worker.MAX_ABANDONED
+        assert len(set(sender_threads()) - before) <= 1 + QUICK_RETRY.max_abandoned
+        assert len(proxy.calls()) <= 1 + QUICK_RETRY.max_abandoned

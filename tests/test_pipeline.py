@@ -15,12 +15,12 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import pytest
 from sinks_for_tests import CrashingSink, FlakySink, GateSink, RaisingSink
 
-import dxtrack.worker
-from dxtrack import DXTrack, MemorySink
+from dxtrack import DXTrack, RetryPolicy
 from dxtrack._logging import RateLimitedLog
 from dxtrack.buffer import RingBuffer
-from dxtrack.clock import ManualClock, SystemClock
+from dxtrack.clock import SystemClock
 from dxtrack.records import RecordBuilder
+from dxtrack.testing import ManualClock, MemorySink
 from dxtrack.worker import Worker
 
 INTERVAL = 5.0  # flush_interval of the buffered-mode tests; the worker jitters it by +-10 %
@@ -493,11 +493,11 @@ class TestRetries:
         assert (stats["failed"], stats["delivered"], stats["pending"]) == (5, 0, 0)
         assert len(sink.calls) >= 2
 
-    def test_backoff_doubles_and_is_not_cut_short(self, make_client, monkeypatch):
-        monkeypatch.setattr(dxtrack.worker.random, "uniform", lambda low, high: high)
+    def test_backoff_doubles_and_is_not_cut_short(self, make_client):
         clock = ManualClock()
         sink = RaisingSink(clock=clock.monotonic)
-        client = make_client(sink=sink, use_async_requests=True, clock=clock)
+        no_jitter = RetryPolicy(jitter=lambda ceiling: ceiling)
+        client = make_client(sink=sink, use_async_requests=True, clock=clock, retry=no_jitter)
         client.metric("rows", 1)
         # Time moves in small steps, with a moment of real time between them for the worker
         # to look at the clock; the sink notes the clock's time at every attempt.
@@ -534,8 +534,8 @@ class TestRetries:
         )
         sink = RaisingSink()
         worker = Worker(
-            buffer, sink, retry_deadline=600, log=RateLimitedLog(), backoff_base=300,
-            backoff_cap=300,
+            buffer, sink, retry_deadline=600, log=RateLimitedLog(),
+            retry=RetryPolicy(backoff_base=300, backoff_cap=300),
         )
         thread = threading.Thread(target=worker.run, daemon=True)
         buffer.start_worker = thread.start

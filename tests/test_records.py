@@ -21,8 +21,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dxtrack.config import FIREHOSE_MAX_RECORD_BYTES, Config
+from dxtrack.config import Config
 from dxtrack.records import RecordBuilder, finalize
+
+#: Firehose's limit on one record, from the service documentation: the builder's default.
+FIREHOSE_MAX_RECORD_BYTES = 1_024_000
 
 METRIC_KEYS = ["context", "metric_name", "value", "stage", "metadata", "run_id", "timestamp", "id"]
 ERROR_KEYS = ["context", "exception", "stage", "metadata", "timestamp", "run_id", "id"]
@@ -50,11 +53,11 @@ def far_from_utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     time.tzset()
 
 
-def builder(**options: Any) -> RecordBuilder:
+def builder(max_line_bytes: int = FIREHOSE_MAX_RECORD_BYTES, **options: Any) -> RecordBuilder:
     options.setdefault("stage", "test")
     options.setdefault("context", "ctx")
     options.setdefault("run_id", "run-7")
-    return RecordBuilder(Config(**options))
+    return RecordBuilder(Config(**options), max_line_bytes=max_line_bytes)
 
 
 def parse(body: bytes) -> Dict[str, Any]:
@@ -778,6 +781,16 @@ class TestRecordSizeLimit:
         record = self.check(builder().error(exc))
         assert CUT_MARK in record["exception"]["traceback"]
         assert record["exception"]["traceback"].endswith("2999'\n")
+
+    def test_the_limit_is_the_sinks(self) -> None:
+        """A sink that takes shorter lines gets records that fit them, with the same rules."""
+        small = builder(max_line_bytes=4096)
+        line = finalize(small.metric("rows", 1, {"blob": "x" * 3000}))
+        assert len(line) <= 4096
+        with pytest.raises(ValueError, match="record limit of 4,096 bytes: trim its metadata"):
+            small.metric("rows", 1, {"blob": "x" * 4096})
+        cut = finalize(small.error(self.deep_failure(3, "v" * 10_000), {"shop": "a"}))
+        assert len(cut) <= 4096 and CUT_MARK in orjson.loads(cut)["exception"]["value"]
 
     def test_records_under_the_limit_are_not_touched(self) -> None:
         small = self.check(builder().error(ValueError("v" * 400_000)))

@@ -3,11 +3,12 @@
 A sink takes finished lines of one stream, delivers them in order, says so
 with a :class:`SendResult`, and can be closed. The pipeline relies on nothing
 else, so a sink that passes these tests can stand behind ``configure(sink=...)``.
+A sink of the user's that does not derive from :class:`Sink` is taken as well.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import orjson
 import pytest
@@ -63,6 +64,7 @@ class TestSinkContract:
         assert isinstance(sink, Sink)
         assert sink.max_batch_lines >= 1
         assert sink.max_batch_bytes >= 1_024_000  # one record of the largest size fits
+        assert sink.max_line_bytes == 1_024_000  # Firehose's: a test run refuses what prod does
 
     def test_delivers_each_line_of_each_stream_once(
         self, sink_and_reader: Tuple[Any, Reader]
@@ -103,3 +105,54 @@ class TestSinkContract:
         [error] = [orjson.loads(line) for line in read("error")]
         assert (metric["metric_name"], metric["value"]) == ("rows", 3.0)
         assert error["exception"]["type"] == "KeyError"
+
+
+class TestSinksOfTheUsersOwn:
+    """An object with a ``send`` method is enough; what it declares beyond that is used."""
+
+    def test_one_with_send_alone_delivers(self, make_client: Any) -> None:
+        class Bare:
+            def __init__(self) -> None:
+                self.lines: List[bytes] = []
+
+            def send(self, stream: str, lines: Any) -> None:  # None: delivered
+                self.lines.extend(lines)
+
+        bare = Bare()
+        client = make_client(sink=bare)
+        client.metric("rows", 3)
+        assert client.flush(timeout=10) is True
+        assert [orjson.loads(line)["value"] for line in bare.lines] == [3.0]
+        assert repr(client.sink) == repr(bare)  # what the log names
+        assert client.close(timeout=10) is True
+
+    def test_what_it_declares_is_used(self, make_client: Any) -> None:
+        class Declared:
+            max_line_bytes = 2048
+            max_batch_lines = 2
+
+            def __init__(self) -> None:
+                self.batches: List[int] = []
+                self.closed = False
+
+            def send(self, stream: str, lines: Any) -> SendResult:
+                self.batches.append(len(lines))
+                return SendResult()
+
+            def stats(self) -> Dict[str, int]:
+                return {"declared_batches": len(self.batches)}
+
+            def close(self) -> None:
+                self.closed = True
+
+        sink = Declared()
+        client = make_client(sink=sink, buffer_metrics=True)
+        with pytest.raises(ValueError, match="record limit of 2,048 bytes"):
+            client.metric("big", 1, metadata={"pad": "x" * 2048})
+        for n in range(5):
+            client.metric("rows", n)
+        assert client.flush(timeout=10) is True
+        assert sink.batches == [2, 2, 1]
+        assert client.stats()["declared_batches"] == 3
+        client.close(timeout=10)
+        assert sink.closed

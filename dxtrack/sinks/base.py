@@ -1,4 +1,4 @@
-"""The seam between the pipeline and a destination.
+"""The seam between the pipeline and a destination: the :class:`Sink` base class.
 
 A sink receives finished JSON lines (each ending in ``\\n``) of one stream,
 ``'metric'`` or ``'error'``, and reports what became of them. It makes one
@@ -8,8 +8,11 @@ sink gets them for free and the pipeline never knows which sink it feeds.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
-from typing import Dict, Optional, Protocol, Sequence, runtime_checkable
+from typing import Dict, Optional, Sequence
+
+from .packing import MAX_RECORD_BYTES
 
 __all__ = ["DELIVERED", "SendResult", "Sink"]
 
@@ -32,40 +35,43 @@ class SendResult:
 DELIVERED = SendResult()
 
 
-@runtime_checkable
-class Sink(Protocol):
-    """A destination for finished lines.
+class Sink(abc.ABC):
+    """A destination for finished lines: derive from it and write :meth:`send`.
 
-    ``max_batch_lines`` and ``max_batch_bytes`` tell the pipeline how much to
-    hand over in one :meth:`send`. A sink is used by one worker thread at a
-    time (an abandoned attempt, below, may still be running beside the next);
-    ``send`` may raise, which the pipeline treats like a passing failure
-    of every line.
-
-    Optional: ``blocking_io = True`` says that ``send`` waits on the network;
-    the worker then calls it from a thread of its own and abandons an attempt
-    that outlives the time left to its batch, calling ``drop_connection()``
-    (when the sink has one) so that the next attempt starts afresh.
+    A sink is used by one worker thread at a time (an abandoned attempt, below,
+    may still be running beside the next); ``send`` may raise, which the
+    pipeline treats like a passing failure of every line. The class attributes
+    are the defaults a sink may override.
     """
 
-    max_batch_lines: int
-    max_batch_bytes: int
+    #: How much the pipeline hands over in one :meth:`send`: lines ...
+    max_batch_lines: int = 10_000
+    #: ... and bytes.
+    max_batch_bytes: int = 8 * 1024 * 1024
+    #: The longest line (id and newline included) it takes; the record builder keeps every
+    #: record within it. Firehose's by default: a record another sink accepts must be one the
+    #: stage's Firehose would take too, so a program behaves alike whatever its sink.
+    max_line_bytes: int = MAX_RECORD_BYTES
+    #: ``send`` waits on the network: the worker calls it from a thread of its own, abandons
+    #: an attempt that outlives the time left to its batch and calls :meth:`drop_connection`.
+    blocking_io: bool = False
+    #: With ``blocking_io``: no attempt lasts longer than this many seconds (None: no bound).
+    attempt_timeout: Optional[float] = None
 
+    @abc.abstractmethod
     def send(self, stream: str, lines: Sequence[bytes]) -> SendResult:
         """Deliver ``lines`` of ``stream`` once and say what became of them."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a hook, empty by default
         """Release files, sockets and clients. Called once, at shutdown."""
 
+    def stats(self) -> Dict[str, int]:
+        """Counters it publishes in the client's ``stats()``."""
+        return {}
 
-def sink_stats(sink: object) -> Dict[str, int]:
-    """Counters a sink chooses to publish in ``stats()`` (none by default)."""
-    stats = getattr(sink, "stats", None)
-    return dict(stats()) if callable(stats) else {}
+    def after_fork(self) -> None:  # noqa: B027 - a hook, empty by default
+        """In a forked child: drop what belongs to the parent (clients, connections)."""
 
+    def drop_connection(self) -> None:  # noqa: B027 - a hook, empty by default
+        """An attempt was abandoned while it waited: the next one starts on a new connection."""
 
-def sink_after_fork(sink: object) -> None:
-    """Let a sink drop what it must not share with a forked parent (clients, files)."""
-    hook = getattr(sink, "after_fork", None)
-    if callable(hook):
-        hook()

@@ -7,14 +7,14 @@ failed (what retrying cannot fix: a missing stream, refused credentials).
 Retrying itself is the pipeline's job. A line over the service's record limit
 (the record builders never make one) is counted failed, not sent.
 
-The boto3 client is created lazily in the process that uses it, and again
-after a fork: a client, and its connection pool, is never shared across one.
+The boto3 client is created lazily, and again after a fork (:meth:`FirehoseSink.after_fork`):
+a client, and its connection pool, is never shared across one.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+import contextlib
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import boto3
 import botocore.config
@@ -23,10 +23,10 @@ import botocore.parsers
 
 from .._version import __version__
 from ..config import DEFAULT_REGION, Config
-from .base import DELIVERED, SendResult
+from .base import DELIVERED, SendResult, Sink
 from .packing import MAX_CALL_BYTES, MAX_CALL_RECORDS, MAX_RECORD_BYTES, Record, plan_calls
 
-__all__ = ["Connection", "FirehoseSink", "connect"]
+__all__ = ["Connection", "FirehoseSink", "Put", "connect"]
 
 #: Error codes that say "try again later".
 RETRYABLE_CODES = frozenset({
@@ -124,17 +124,12 @@ def connect(config: Config) -> Connection:
     :raises botocore.exceptions.BotoCoreError: for a profile that does not
         exist, for example.
     """
-    if config.aws_access_key_id:
-        session = boto3.session.Session(
-            aws_access_key_id=config.aws_access_key_id,
-            aws_secret_access_key=config.aws_secret_access_key,
-            aws_session_token=config.aws_session_token,
-            region_name=config.region_name,
-        )
-    else:
-        session = boto3.session.Session(
-            profile_name=config.profile_name, region_name=config.region_name
-        )
+    credentials: Dict[str, Any] = dict(
+        aws_access_key_id=config.aws_access_key_id,
+        aws_secret_access_key=config.aws_secret_access_key,
+        aws_session_token=config.aws_session_token,
+    ) if config.aws_access_key_id else dict(profile_name=config.profile_name)
+    session = boto3.session.Session(region_name=config.region_name, **credentials)
     region = session.region_name or DEFAULT_REGION
     client = session.client(
         "firehose",
@@ -151,9 +146,40 @@ def connect(config: Config) -> Connection:
     return Connection(session, client, region)
 
 
-class FirehoseSink:
+class Put(NamedTuple):
+    """What one PutRecordBatch call came to: delivered (the defaults), entries refused for
+    now (``retry``: their lines), or a ``failure`` of the whole call, ``permanent`` or not."""
+
+    retry: Sequence[bytes] = ()
+    failure: Optional[str] = None
+    permanent: bool = False
+
+
+#: What a call may raise: botocore's errors, and what it raises on a body it cannot parse.
+CALL_ERRORS = (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError, *UNREADABLE)
+
+
+def judge(exc: Exception, client: Any) -> Tuple[bool, str]:
+    """Whether a call that raised ``exc`` failed for good, and what to advise."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return code not in RETRYABLE_CODES and status < 500 and status != 429, ADVICE.get(code, "")
+    if isinstance(exc, (botocore.exceptions.NoCredentialsError,
+                        botocore.exceptions.PartialCredentialsError)):
+        return True, NO_CREDENTIALS
+    if isinstance(exc, botocore.exceptions.ParamValidationError):
+        return True, BAD_REQUEST
+    if isinstance(exc, botocore.exceptions.BotoCoreError):  # connection trouble, timeouts
+        return False, ""
+    return False, f"botocore could not read the answer; {check_endpoint(client)}"
+
+
+class FirehoseSink(Sink):
     """Sends lines to the stage's two delivery streams."""
 
+    #: Firehose's record limit: a longer line is never sent.
+    max_line_bytes = MAX_RECORD_BYTES
     #: Calls go over the network: the worker bounds each attempt by the time its batch has,
     blocking_io = True
     #: ... and by this many seconds, a connect and a read (a trickling answer is given up on).
@@ -169,22 +195,19 @@ class FirehoseSink:
         self.streams = {name: config.stream_name(name) for name in ("metric", "error")}
         self.region: Optional[str] = config.region_name
         self._client = client
-        self._client_pid = os.getpid() if client is not None else None
         self._reset_counts()
 
     def _reset_counts(self) -> None:
         # Calls made, whatever their outcome; records and bytes that Firehose accepted.
-        self._counts_pid = os.getpid()
         self._counts = {"put_record_batch_calls": 0, "firehose_records": 0, "bytes_sent": 0}
 
     # -- the client --------------------------------------------------------------
     def client(self) -> Any:
-        """The boto3 Firehose client of this process, created on first use."""
-        if self._client is None or self._client_pid != os.getpid():
+        """The boto3 Firehose client, created on first use and after a fork or a drop."""
+        if self._client is None:
             connection = connect(self.config)
             self.region = connection.region
             self._client = connection.client
-            self._client_pid = os.getpid()
         return self._client
 
     def after_fork(self) -> None:
@@ -192,17 +215,10 @@ class FirehoseSink:
         self._client = None
         self._reset_counts()
 
-    def drop_connection(self) -> Any:
-        """An attempt was abandoned while it waited on its connection: the next one
-        starts on a new client. Returns the old one, for the abandoned call to close
-        once it returns."""
-        client, self._client = self._client, None
-        return client
-
-    def _own_counts(self) -> Dict[str, int]:
-        if self._counts_pid != os.getpid():  # forked without the hook having run
-            self._reset_counts()
-        return self._counts
+    def drop_connection(self) -> None:
+        """The next attempt starts on a new client; the abandoned one closes its own once
+        its call returns (see :meth:`send`)."""
+        self._client = None
 
     # -- sending -------------------------------------------------------------------
     def send(self, stream: str, lines: Sequence[bytes]) -> SendResult:
@@ -215,70 +231,56 @@ class FirehoseSink:
         oversize = sum(1 for line in lines if len(line) > MAX_RECORD_BYTES)
         if oversize:  # the record builders never make one; refuse it rather than retry it
             lines = [line for line in lines if len(line) <= MAX_RECORD_BYTES]
-        retry: List[bytes] = []
-        failed = 0
-        error: Optional[str] = None
-        calls = list(plan_calls(lines, packed=self.packed, max_record_bytes=self.max_record_bytes))
-        for index, call in enumerate(calls):
-            outcome = self._put(client, name, call)
-            if outcome is None:
-                continue
-            if isinstance(outcome, list):
-                retry.extend(outcome)
-                error = f"{name}: some records were refused for now (throttled or internal failure)"
-                continue
-            # The whole call failed: this call's lines and every later call's share its fate.
-            rest = [line for later in calls[index:] for _, carried in later for line in carried]
-            permanent, error = outcome
-            if permanent:
-                failed += len(rest)
-            else:
-                retry.extend(rest)
-            break
-        if oversize:
-            failed += oversize
-            error = (f"{error}; " if error else "") + (
-                f"{oversize} line(s) for {name!r} exceed the Firehose record limit of "
-                f"{MAX_RECORD_BYTES:,} bytes and were not sent"
-            )
-        if not retry and not failed:
-            return DELIVERED
-        return SendResult(retry=retry, failed=failed, error=error)
+        try:
+            result = self._send_calls(client, name, lines)
+        finally:
+            if client is not self._client:  # dropped while this attempt was abandoned
+                with contextlib.suppress(Exception):  # a connection that is gone already
+                    client.close()
+        if not oversize:
+            return result
+        note = (f"{oversize} line(s) for {name!r} exceed the Firehose record limit of "
+                f"{MAX_RECORD_BYTES:,} bytes and were not sent")
+        return SendResult(retry=result.retry, failed=result.failed + oversize,
+                          error=f"{result.error}; {note}" if result.error else note)
 
-    def _put(self, client: Any, name: str, call: List[Record]) -> Any:
-        """One call. None: all delivered; a list: lines to retry; (permanent, message)."""
-        counts = self._own_counts()
+    def _send_calls(self, client: Any, name: str, lines: Sequence[bytes]) -> SendResult:
+        """The calls ``lines`` need, in order; one that fails whole decides for the rest."""
+        calls = list(plan_calls(lines, packed=self.packed, max_record_bytes=self.max_record_bytes))
+        retry: List[bytes] = []
+        for index, call in enumerate(calls):
+            put = self._put(client, name, call)
+            retry.extend(put.retry)
+            if put.failure is not None:
+                rest = [line for later in calls[index:] for _, carried in later for line in carried]
+                if put.permanent:
+                    return SendResult(retry=retry, failed=len(rest), error=put.failure)
+                return SendResult(retry=retry + rest, error=put.failure)
+        if retry:
+            return SendResult(retry=retry, error=f"{name}: some records were refused for now "
+                              "(throttled or internal failure)")
+        return DELIVERED
+
+    def _put(self, client: Any, name: str, call: List[Record]) -> Put:
+        """One PutRecordBatch call, and what it came to."""
+        counts = self._counts
         counts["put_record_batch_calls"] += 1
         try:
             response = client.put_record_batch(
                 DeliveryStreamName=name, Records=[{"Data": data} for data, _ in call]
             )
-        except botocore.exceptions.ClientError as exc:
-            error = exc.response.get("Error", {})
-            code = error.get("Code", "")
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            permanent = code not in RETRYABLE_CODES and status < 500 and status != 429
-            return permanent, self._describe(name, exc, ADVICE.get(code, ""))
-        except (botocore.exceptions.NoCredentialsError,
-                botocore.exceptions.PartialCredentialsError) as exc:
-            return True, self._describe(name, exc, NO_CREDENTIALS)
-        except botocore.exceptions.ParamValidationError as exc:
-            return True, self._describe(name, exc, BAD_REQUEST)
-        except botocore.exceptions.BotoCoreError as exc:  # connection trouble, timeouts
-            return False, self._describe(name, exc, "")
-        except UNREADABLE as exc:  # a body botocore could not parse as Firehose's
-            advice = f"botocore could not read the answer; {check_endpoint(client)}"
-            return False, self._describe(name, exc, advice)
+        except CALL_ERRORS as exc:
+            permanent, advice = judge(exc, client)
+            return Put(failure=self._describe(name, exc, advice), permanent=permanent)
         # Only a result per record proves delivery: a 200 with anything else (``{}``, an
         # HTML page, a body cut short) came from something that is not Firehose.
         problem = answer_problem(response, len(call))
         if problem:
-            where = f"delivery stream {name!r} in region {self.region or DEFAULT_REGION!r}"
-            return False, (
-                f"PutRecordBatch to {where} got {describe_answer(response)} that is not "
-                f"Firehose's: {problem}, so none of its {len(call)} record(s) counts as "
+            return Put(failure=(
+                f"PutRecordBatch to {self._where(name)} got {describe_answer(response)} that "
+                f"is not Firehose's: {problem}, so none of its {len(call)} record(s) counts as "
                 f"delivered; {check_endpoint(client)}"
-            )
+            ))
         retry: List[bytes] = []
         for (data, carried), answer in zip(call, response["RequestResponses"]):
             if answer.get("ErrorCode"):
@@ -286,24 +288,25 @@ class FirehoseSink:
             else:
                 counts["firehose_records"] += 1
                 counts["bytes_sent"] += len(data)
-        return retry or None
+        return Put(retry=retry)
+
+    def _where(self, name: str) -> str:
+        return f"delivery stream {name!r} in region {self.region or DEFAULT_REGION!r}"
 
     def _describe(self, name: str, exc: Exception, advice: str) -> str:
-        where = f"delivery stream {name!r} in region {self.region or DEFAULT_REGION!r}"
-        text = f"PutRecordBatch to {where} failed: {type(exc).__name__}: {exc}"
+        text = f"PutRecordBatch to {self._where(name)} failed: {type(exc).__name__}: {exc}"
         return f"{text}; {advice}" if advice else text
 
     def stats(self) -> Dict[str, int]:
         """``put_record_batch_calls`` made (whatever their outcome) in this process, and the
         ``firehose_records`` and ``bytes_sent`` that Firehose accepted (what it bills and
         delivers: failed entries are counted again only when a retry gets them in)."""
-        return dict(self._own_counts())
+        return dict(self._counts)
 
     def close(self) -> None:
         client, self._client = self._client, None
-        close = getattr(client, "close", None)
-        if callable(close):
-            close()
+        if client is not None:
+            client.close()
 
     def __repr__(self) -> str:
         return f"FirehoseSink(streams={self.streams!r}, region={self.region!r})"

@@ -1,4 +1,8 @@
-"""Stage ``test`` destinations: JSON-lines files, or standard output."""
+"""Stage ``test`` destinations: JSON-lines files, or standard output.
+
+They stand in for Firehose and keep its record limit (the :class:`Sink` default
+``max_line_bytes``), so a test run refuses what a prod run would.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +10,18 @@ import os
 import sys
 from typing import Sequence
 
-from .base import DELIVERED, SendResult
+from .base import DELIVERED, SendResult, Sink
 
 __all__ = ["FileSink", "PrintSink"]
 
 
-class FileSink:
+class FileSink(Sink):
     """Appends each stream's lines to ``<output_dir>/<stream>.jsonl``.
 
     Files are opened in append mode for every batch and written with one
     ``write`` call, so earlier runs and other processes writing the same
     files are never overwritten.
     """
-
-    max_batch_lines = 10_000
-    max_batch_bytes = 8 * 1024 * 1024
 
     def __init__(self, output_dir: str | os.PathLike[str]) -> None:
         self.output_dir = os.fspath(output_dir)
@@ -37,27 +38,18 @@ class FileSink:
             return SendResult(retry=lines, error=f"cannot append to {self.path(stream)}: {exc}")
         return DELIVERED
 
-    def close(self) -> None:
-        pass
-
     def __repr__(self) -> str:
         return f"FileSink({self.output_dir!r})"
 
 
-class PrintSink:
+class PrintSink(Sink):
     """Writes each line to standard output (as it is at the time of writing)."""
-
-    max_batch_lines = 10_000
-    max_batch_bytes = 8 * 1024 * 1024
 
     def send(self, stream: str, lines: Sequence[bytes]) -> SendResult:
         out = sys.stdout
         out.write(b"".join(lines).decode("utf-8"))
         out.flush()
         return DELIVERED
-
-    def close(self) -> None:
-        pass
 
     def __repr__(self) -> str:
         return "PrintSink()"

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 from typing import Iterator, List, Sequence, Tuple
 
-from ..config import FIREHOSE_MAX_RECORD_BYTES
-
 __all__ = ["MAX_CALL_BYTES", "MAX_CALL_RECORDS", "MAX_RECORD_BYTES", "plan_calls"]
 
 #: PutRecordBatch takes at most 500 records ...
 MAX_CALL_RECORDS = 500
 #: ... and 4 MiB of data per call ...
 MAX_CALL_BYTES = 4 * 1024 * 1024
-#: ... each record at most 1,000 KiB before base64.
-MAX_RECORD_BYTES = FIREHOSE_MAX_RECORD_BYTES
+#: ... each record at most 1,000 KiB before base64 (the largest line any sink takes by default).
+MAX_RECORD_BYTES = 1_024_000
 
 #: One Firehose record: its data and the lines it carries.
 Record = Tuple[bytes, Sequence[bytes]]
