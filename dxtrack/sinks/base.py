@@ -44,9 +44,8 @@ class Sink(abc.ABC):
     are the defaults a sink may override.
     """
 
-    #: How much the pipeline hands over in one :meth:`send`: lines ...
+    #: How much the pipeline hands over in one :meth:`send`: lines and bytes.
     max_batch_lines: int = 10_000
-    #: ... and bytes.
     max_batch_bytes: int = 8 * 1024 * 1024
     #: The longest line (id and newline included) it takes; the record builder keeps every
     #: record within it. Firehose's by default: a record another sink accepts must be one the
