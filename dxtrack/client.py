@@ -7,7 +7,7 @@ import os
 import sys
 import threading
 import weakref
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from ._logging import RateLimitedLog
 from ._version import __version__
@@ -88,13 +88,23 @@ class DXTrack:
         _clients.add(self)
 
     # -- configuration ---------------------------------------------------------
-    def configure(
-        self,
-        *,
-        stage: Optional[str] = None,
-        context: Optional[str] = None,
-        run_id: Optional[str] = None,
-        **options: Any,
+    def configure(  # every option of Config, in its order, by keyword; None: not given
+        self, *, stage: Optional[str] = None, context: Optional[str] = None,
+        run_id: Optional[str] = None, default_metadata: Optional[Mapping[str, Any]] = None,
+        profile_name: Optional[str] = None, aws_access_key_id: Optional[str] = None,
+        aws_secret_access_key: Optional[str] = None, aws_session_token: Optional[str] = None,
+        region_name: Optional[str] = None, endpoint_url: Optional[str] = None,
+        error_stream: Optional[str] = None, metric_stream: Optional[str] = None,
+        pack_records: Optional[bool] = None, max_record_bytes: Optional[int] = None,
+        buffer_metrics: Optional[bool] = None, use_async_requests: Optional[bool] = None,
+        papertrail_hostport: Optional[str] = None, capture_unhandled: Optional[bool] = None,
+        handle_sigterm: Optional[bool] = None, timestamp_format: Optional[str] = None,
+        output_dir: Optional[Union[str, os.PathLike[str]]] = None,
+        test_output: Optional[str] = None, max_buffer_records: Optional[int] = None,
+        max_buffer_bytes: Optional[int] = None, on_full: Optional[str] = None,
+        block_timeout: Optional[float] = None, flush_interval: Optional[float] = None,
+        shutdown_timeout: Optional[float] = None, retry_deadline: Optional[float] = None,
+        sync_timeout: Optional[float] = None, sink: Any = None,
     ) -> Config:
         """Validate the settings and start using them; returns the :class:`Config`.
 
@@ -102,13 +112,14 @@ class DXTrack:
         ``DXTRACK_STAGE``, ``DXTRACK_CONTEXT`` and ``DXTRACK_RUN_ID``; every other
         non-secret option also takes its default from ``DXTRACK_<OPTION>`` (see
         :mod:`dxtrack.env`), and an argument given here wins over its variable.
+        The options are those of :class:`Config`.
 
         Configuring again first sends whatever is pending under the old
         settings (bounded by the old ``shutdown_timeout``).
         """
-        config = settings_from_kwargs(
-            dict(stage=stage, context=context, run_id=run_id, **options), os.environ
-        )
+        options = dict(locals())  # the keywords above, and only those
+        del options["self"]
+        config = settings_from_kwargs(options, os.environ)
         for variable in sorted(unknown_variables()):
             if variable.startswith("DXTRACK_AWS_") or variable == "DXTRACK_SINK":
                 message = ("dxtrack: %s is ignored: credentials and sinks are never read from "
@@ -117,7 +128,7 @@ class DXTrack:
                 message = "dxtrack: the environment variable %s names no dxtrack option; ignored"
             self._log.warning(f"unknown-variable:{variable}", message, variable)
         if config.sink is None and config.stage != "test" and not config.aws_access_key_id:
-            _check_profile(config, from_environment=options.get("profile_name") is None)
+            _check_profile(config, from_environment=profile_name is None)
         return self._use(config, publish=self._inherit)
 
     def _use(self, config: Config, publish: bool) -> Config:
