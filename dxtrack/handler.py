@@ -69,7 +69,7 @@ class DXTrackHandler(logging.Handler):
                 "level": record.levelname,
                 "message": record.getMessage(),
             }
-            self.client._error(metadata, exc_info[1], wait=False)  # type: ignore[index]
+            self.client.record_error(exc_info[1], metadata, wait=False)  # type: ignore[index]
         except Exception:
             self.handleError(record)
         finally:

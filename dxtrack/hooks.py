@@ -69,8 +69,8 @@ class UnhandledCapture:
         """Queue ``exc`` unless this capture is off or already passing it on; True if queued."""
         if not self.active or getattr(self._handling, "exception", None) is exc:
             return False
-        # error() never raises; it logs its own trouble.
-        self._client._error({"unhandled": True, "thread": thread}, exc, wait=False)
+        # Never raises; it logs its own trouble.
+        self._client.record_error(exc, {"unhandled": True, "thread": thread}, wait=False)
         return True
 
     def pass_on(self, exc: BaseException, call: Callable[[], Any]) -> None:

@@ -82,7 +82,7 @@ class Timer:
         key = id(self)
         starts = open_blocks.pop(key, ())
         if not starts:  # the block ended in another context than it began (a thread pool, say)
-            self._client._log.warning(
+            self._client.log.warning(
                 f"timer-context:{self.name}",
                 "dxtrack.timer(%r): the block ended in another context than it began in; "
                 "nothing recorded", self.name,
@@ -128,7 +128,7 @@ class Timer:
         try:
             self._client.metric(self.name, seconds, self.metadata)
         except (TypeError, ValueError) as exc:
-            self._client._log.warning(
+            self._client.log.warning(
                 f"timer:{self.name}", "dxtrack.timer(%r) could not record its metric: %s",
                 self.name, exc,
             )
