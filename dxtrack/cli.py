@@ -28,20 +28,19 @@ from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from ._version import __version__
 from .check import Report, check_aws, check_output, checks
-from .config import DEFAULT_REGION, STAGES, Config, settings_from_kwargs
+from .config import DEFAULT_REGION, OPTIONS, Config, Flag, settings_from_kwargs
 from .env import environment_defaults, variable_for
 from .exceptions import ConfigurationError
 
 __all__ = ["main"]
 
 PROG = "dxtrack"
-#: The metric ``dxtrack check --send-test`` records.
-CHECK_METRIC = "dxtrack.check"
-#: configure() options the subcommands take as flags, and their flags.
-FLAGS = {
-    "stage": "--stage", "context": "--context", "run_id": "--run-id",
-    "region_name": "--region", "endpoint_url": "--endpoint-url", "profile_name": "--profile",
-}
+#: The metric ``dxtrack check --send-test`` records, and its context unless one is given.
+CHECK_METRIC, CHECK_CONTEXT = "dxtrack.check", "dxtrack-check"
+#: configure() options the subcommands take as flags (Config defines them), and their flags.
+FLAGS: Dict[str, Flag] = {name: option.flag for name, option in OPTIONS.items() if option.flag}
+#: The options each subcommand needs, as a flag or a variable.
+REQUIRED = {"metric": ("stage", "context", "run_id"), "check": ("stage",)}
 #: The default delivery mode, whatever the environment says: each record is waited for.
 SYNCHRONOUS = {"use_async_requests": False, "buffer_metrics": False}
 
@@ -102,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a finite number (use '--' before a value such as -1e3)")
     metric.add_argument("--meta", metavar="KEY=VALUE", action="append", type=_meta_item,
                         default=[], help="metadata of the record; repeatable (typed as below)")
-    _add_settings(metric, send_test=False)
+    _add_settings(metric, REQUIRED["metric"], {})
 
     check = commands.add_parser(
         "check", formatter_class=_Raw,
@@ -113,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--send-test", action="store_true",
                        help=f"also record one metric {CHECK_METRIC!r} and wait for its delivery")
-    _add_settings(check, send_test=True)
+    _add_settings(check, REQUIRED["check"],
+                  {"context": CHECK_CONTEXT, "run_id": "the UTC time"})  # as in _check()
 
     commands.add_parser(
         "demo", add_help=False,  # every argument, --help included, goes to the demo itself
@@ -123,30 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_settings(parser: argparse.ArgumentParser, *, send_test: bool) -> None:
+def _add_settings(
+    parser: argparse.ArgumentParser, required: Sequence[str], fallbacks: Dict[str, str]
+) -> None:
     group = parser.add_argument_group(
         "settings",
         "A flag left out comes from its variable (in brackets), as every other option of\n"
         "configure() comes from DXTRACK_<OPTION>. AWS credentials come from boto3's chain:\n"
         "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, the AWS files or a role.",
     )
-    group.add_argument("--stage", choices=STAGES, help="required [DXTRACK_STAGE]")
-    if send_test:
-        context = "job name in the --send-test record [DXTRACK_CONTEXT, else dxtrack-check]"
-        run_id = "run id in the --send-test record [DXTRACK_RUN_ID, else the UTC time]"
-    else:
-        context = "name of the job, in every record; required [DXTRACK_CONTEXT]"
-        run_id = "this run of the job, in every record; required [DXTRACK_RUN_ID]"
-    group.add_argument("--context", metavar="NAME", help=context)
-    group.add_argument("--run-id", dest="run_id", metavar="ID", help=run_id)
-    group.add_argument("--region", dest="region_name", metavar="REGION",
-                       help=f"AWS region [DXTRACK_REGION_NAME, else the AWS configuration's, "
-                            f"else {DEFAULT_REGION}]")
-    group.add_argument("--endpoint-url", metavar="URL",
-                       help="another Firehose endpoint: a VPC endpoint, LocalStack, moto "
-                            "[DXTRACK_ENDPOINT_URL]")
-    group.add_argument("--profile", dest="profile_name", metavar="NAME",
-                       help="AWS profile [DXTRACK_PROFILE_NAME, else AWS_PROFILE]")
+    for option, flag in FLAGS.items():
+        fallback = fallbacks.get(option, flag.fallback)
+        source = variable_for(option) + (f", else {fallback}" if fallback else "")
+        needed = "; required" if option in required else ""
+        group.add_argument(flag.name, dest=option, metavar=flag.metavar,
+                           choices=flag.choices or None, help=f"{flag.help}{needed} [{source}]")
 
 
 def _number(text: str) -> float:
@@ -193,13 +184,13 @@ def _no_constant(name: str) -> NoReturn:
 # -- settings ---------------------------------------------------------------------------
 
 
-def _given(args: argparse.Namespace, *, required: Sequence[str]) -> Dict[str, Any]:
-    """The options given as flags; bad usage if a ``required`` one is set nowhere."""
-    given = {option: getattr(args, option) for option in FLAGS}
-    given = {option: value for option, value in given.items() if value is not None}
-    missing = [o for o in required if o not in given and o not in _from_environment(given)]
+def _given(args: argparse.Namespace) -> Dict[str, Any]:
+    """The options given as flags; bad usage if a required one is set nowhere."""
+    given = {o: value for o in FLAGS if (value := getattr(args, o)) is not None}
+    missing = [o for o in REQUIRED[args.command]
+               if o not in given and o not in _from_environment(given)]
     if missing:
-        needs = ", ".join(f"{FLAGS[o]} (or {variable_for(o)})" for o in missing)
+        needs = ", ".join(f"{FLAGS[o].name} (or {variable_for(o)})" for o in missing)
         raise UsageError(f"{args.command} needs {needs}")
     return given
 
@@ -224,7 +215,7 @@ def _bad_setting(exc: ConfigurationError, options: Dict[str, Any]) -> UsageError
     """Bad usage naming the flag that gave the setting, if a flag did."""
     flag = FLAGS.get(exc.option or "")
     if flag and exc.option in options:
-        return UsageError(f"{flag}: {exc}")
+        return UsageError(f"{flag.name}: {exc}")
     return UsageError(str(exc))
 
 
@@ -277,7 +268,7 @@ def _send_one(
 
 
 def _metric(args: argparse.Namespace) -> int:
-    options = {**_given(args, required=("stage", "context", "run_id")), **SYNCHRONOUS}
+    options = {**_given(args), **SYNCHRONOUS}
     _config(options)  # bad usage, found before anything starts
     _, problem = _send_one(options, args.name, args.value, dict(args.meta))
     if problem:
@@ -287,13 +278,11 @@ def _metric(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    options = {**_given(args, required=("stage",)), **SYNCHRONOUS}
-    defaults = {"context": "dxtrack-check", "run_id": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                    time.gmtime())}
-    from_environment = _from_environment(options)
-    for option, default in defaults.items():  # used only by the --send-test record
-        if option not in options and option not in from_environment:
-            options[option] = default
+    options = {**_given(args), **SYNCHRONOUS}
+    defaults = {"context": CHECK_CONTEXT,
+                "run_id": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    from_environment = _from_environment(options)  # defaults for the --send-test record only
+    options = {**{o: d for o, d in defaults.items() if o not in from_environment}, **options}
     config = _config(options)
     report = Report()
     if config.stage == "test":

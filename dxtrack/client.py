@@ -7,11 +7,11 @@ import os
 import sys
 import threading
 import weakref
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from ._logging import RateLimitedLog
 from ._version import __version__
-from .buffer import CLOSED, DEFERRED, DROPPED
+from .buffer import CLOSED, DROPPED
 from .clock import Clock, SystemClock
 from .config import Config, _snapshot, settings_from_kwargs
 from .env import unknown_variables, variable_for
@@ -61,6 +61,10 @@ class DXTrack:
         environment (never a secret), and an
         unconfigured client in a ``multiprocessing`` child adopts them on first
         use (see :mod:`dxtrack.processes`). The ready-made ``dxtrack`` has it on.
+
+    The integrations (:mod:`dxtrack.hooks`, :mod:`dxtrack.handler`,
+    :mod:`dxtrack.timer`) use two members that are not for applications:
+    :meth:`record_error` and :attr:`log`.
     """
 
     __version__ = __version__
@@ -92,13 +96,23 @@ class DXTrack:
         _clients.add(self)
 
     # -- configuration ---------------------------------------------------------
-    def configure(
-        self,
-        *,
-        stage: Optional[str] = None,
-        context: Optional[str] = None,
-        run_id: Optional[str] = None,
-        **options: Any,
+    def configure(  # every option of Config, in its order, by keyword; None: not given
+        self, *, stage: Optional[str] = None, context: Optional[str] = None,
+        run_id: Optional[str] = None, default_metadata: Optional[Mapping[str, Any]] = None,
+        profile_name: Optional[str] = None, aws_access_key_id: Optional[str] = None,
+        aws_secret_access_key: Optional[str] = None, aws_session_token: Optional[str] = None,
+        region_name: Optional[str] = None, endpoint_url: Optional[str] = None,
+        error_stream: Optional[str] = None, metric_stream: Optional[str] = None,
+        pack_records: Optional[bool] = None, max_record_bytes: Optional[int] = None,
+        buffer_metrics: Optional[bool] = None, use_async_requests: Optional[bool] = None,
+        papertrail_hostport: Optional[str] = None, capture_unhandled: Optional[bool] = None,
+        handle_sigterm: Optional[bool] = None, timestamp_format: Optional[str] = None,
+        output_dir: Optional[Union[str, os.PathLike[str]]] = None,
+        test_output: Optional[str] = None, max_buffer_records: Optional[int] = None,
+        max_buffer_bytes: Optional[int] = None, on_full: Optional[str] = None,
+        block_timeout: Optional[float] = None, flush_interval: Optional[float] = None,
+        shutdown_timeout: Optional[float] = None, retry_deadline: Optional[float] = None,
+        sync_timeout: Optional[float] = None, sink: Any = None,
     ) -> Config:
         """Validate the settings and start using them; returns the :class:`Config`.
 
@@ -106,13 +120,14 @@ class DXTrack:
         ``DXTRACK_STAGE``, ``DXTRACK_CONTEXT`` and ``DXTRACK_RUN_ID``; every other
         non-secret option also takes its default from ``DXTRACK_<OPTION>`` (see
         :mod:`dxtrack.env`), and an argument given here wins over its variable.
+        The options are those of :class:`Config`.
 
         Configuring again first sends whatever is pending under the old
         settings (bounded by the old ``shutdown_timeout``).
         """
-        config = settings_from_kwargs(
-            dict(stage=stage, context=context, run_id=run_id, **options), os.environ
-        )
+        options = dict(locals())  # the keywords above, and only those
+        del options["self"]
+        config = settings_from_kwargs(options, os.environ)
         for variable in sorted(unknown_variables()):
             if variable.startswith("DXTRACK_AWS_") or variable == "DXTRACK_SINK":
                 message = ("dxtrack: %s is ignored: credentials and sinks are never read from "
@@ -121,7 +136,7 @@ class DXTrack:
                 message = "dxtrack: the environment variable %s names no dxtrack option; ignored"
             self._log.warning(f"unknown-variable:{variable}", message, variable)
         if config.sink is None and config.stage != "test" and not config.aws_access_key_id:
-            _check_profile(config, from_environment=options.get("profile_name") is None)
+            _check_profile(config, from_environment=profile_name is None)
         return self._use(config, publish=self._inherit)
 
     def _use(self, config: Config, publish: bool) -> Config:
@@ -184,6 +199,11 @@ class DXTrack:
         return _snapshot(config.default_metadata) if config is not None else None
 
     @property
+    def log(self) -> RateLimitedLog:
+        """The client's rate-limited log on the ``dxtrack`` logger (for the integrations)."""
+        return self._log
+
+    @property
     def sink(self) -> Optional[Sink]:
         """The sink records go to (for tests and introspection), or ``None``."""
         state = self._state
@@ -208,19 +228,15 @@ class DXTrack:
             would be written as one JSON key (``1`` and ``"1"``).
         :raises TypeError: for metadata that is not a dict, or a mapping that fails to read.
         """
-        state = self._state
+        state = self._state or self._unconfigured(METRIC)
         if state is None:
-            state = self._unconfigured(METRIC)
-            if state is None:
-                return
+            return
         builder, pipeline = state
         body = builder.metric(name, value, metadata, timestamp)
+        # _submit()'s put, inline: the common case (taken, nothing to wait for) costs no call.
         seq = pipeline.put(METRIC, body, pipeline.metric_urgent)
-        if seq <= 0:
-            if seq != DEFERRED:  # DEFERRED: taken from inside another record's append
-                self._after_refusal(METRIC, seq, [body])
-        elif pipeline.metric_waits:
-            pipeline.wait_for(METRIC, seq)
+        if seq <= 0 or pipeline.metric_waits:
+            self._submit(pipeline, METRIC, [body], seqs=[seq])
 
     def error(
         self,
@@ -235,23 +251,24 @@ class DXTrack:
         ``stats()["dropped"]["error_failed"]``.
         """
         try:
-            self._error(metadata, exception, wait=True)
-        except Exception:  # _error() could not even start: no stack left for its frame
+            self.record_error(exception, metadata, wait=True)
+        except Exception:  # record_error() could not even start: no stack left for its frame
             self._error_failures += 1
         try:
             release_signals()  # normally done already; not when the stack was exhausted
         except Exception:  # noqa: BLE001 - nothing more can be done from this depth
             pass
 
-    def _error(
-        self, metadata: Optional[Mapping[str, Any]], exception: Optional[BaseException],
-        wait: bool,
+    def record_error(
+        self, exception: Optional[BaseException], metadata: Optional[Mapping[str, Any]] = None,
+        *, wait: bool,
     ) -> None:
-        """``error()``; ``wait=False`` never waits for delivery, whatever the mode.
+        """``error()`` for the integrations; ``wait=False`` never waits for delivery.
 
-        The logging handler and the excepthooks use that: a logging call must
+        ``exception`` ``None`` records the one being handled. The logging
+        handler and the excepthooks pass ``wait=False``: a logging call must
         not hold the handler's lock for ``sync_timeout``, and a traceback must
-        not wait for the network before it is printed.
+        not wait for the network before it is printed. Never raises.
         """
         try:
             exc = exception if exception is not None else sys.exc_info()[1]
@@ -268,11 +285,9 @@ class DXTrack:
                     type(exc).__name__,
                 )
                 return
-            state = self._state
+            state = self._state or self._unconfigured(ERROR)
             if state is None:
-                state = self._unconfigured(ERROR)
-                if state is None:
-                    return
+                return
             builder, pipeline = state
 
             def build() -> List[bytes]:
@@ -284,7 +299,7 @@ class DXTrack:
                     )
                     return [builder.error(exc, None)]
 
-            self._record_errors(pipeline, build, wait)
+            self._submit(pipeline, ERROR, build, wait=wait)
         except Exception:
             # Maybe a few frames from the recursion limit, maybe a log handler that raises:
             # count first, without a call, then log if even that works.
@@ -328,17 +343,15 @@ class DXTrack:
             if metadata is not None and not isinstance(metadata, Mapping):
                 raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
             lost = len(items)
-            state = self._state
+            state = self._state or self._unconfigured(ERROR, len(items))
             if state is None:
-                state = self._unconfigured(ERROR, len(items))
-                if state is None:
-                    return
+                return
             builder, pipeline = state
             # Metadata is checked here too: a ValueError goes to the caller.
-            self._record_errors(pipeline, lambda: [builder.error(e, metadata) for e in items])
+            self._submit(pipeline, ERROR, lambda: [builder.error(e, metadata) for e in items])
         except (TypeError, ValueError):
             raise  # a bad argument, found before anything was recorded
-        except Exception:  # as in _error(): count first, without a call, then log if possible
+        except Exception:  # as in record_error(): count first, without a call, then log
             self._error_failures += lost
             try:
                 self._log.error(
@@ -347,62 +360,62 @@ class DXTrack:
             except Exception:
                 pass  # counted above
 
-    def _record_errors(
-        self, pipeline: Pipeline, build: Callable[[], List[bytes]], wait: bool = True
+    def _submit(
+        self, pipeline: Pipeline, stream: str,
+        bodies: Union[List[bytes], Callable[[], List[bytes]]], *, wait: bool = True,
+        seqs: Optional[List[int]] = None,
     ) -> None:
-        """Build error bodies and queue them with SIGINT and SIGTERM held (see
-        :func:`~dxtrack.processes.hold_signals`), then wait for delivery if the mode says so."""
-        hold_signals()
-        try:
-            bodies = build()
-            results = pipeline.put_errors(bodies, wait=False)
-            if DROPPED in results:
-                self._after_refusal(ERROR, DROPPED, [])
-            closed = [body for body, result in zip(bodies, results) if result == CLOSED]
-            if closed:
-                self._after_refusal(ERROR, CLOSED, closed, wait=False)
-        finally:
-            try:
-                release_signals()
-            except RecursionError:
-                pass  # no stack left here: error() tries again on its way out
-        last = max(results, default=0)
-        if last > 0 and wait and pipeline.error_waits:
-            pipeline.wait_for(ERROR, last)
+        """The one way records enter a pipeline: put ``bodies`` on ``stream``, deal with
+        refusals, then wait for the last one if ``wait`` and the mode say so.
 
-    def _after_refusal(
-        self, stream: str, status: int, bodies: List[bytes], wait: bool = True
-    ) -> None:
-        if status == DROPPED:
+        ``bodies`` may be a function building them (errors): it runs with SIGINT and
+        SIGTERM held (:func:`~dxtrack.processes.hold_signals`) until the records are
+        queued, never while waiting. ``seqs``: what ``put`` returned already
+        (metric()'s inline put). DROPPED: counted by the buffer, warned here. CLOSED
+        (a concurrent ``configure()`` or ``close()``): handed once to the pipeline in
+        use now, else counted. DEFERRED: queued, with no number to wait for.
+        """
+        held = callable(bodies)
+        if held:
+            hold_signals()
+        try:
+            pipeline, seqs = self._put(
+                pipeline, stream, bodies() if callable(bodies) else bodies, seqs
+            )
+        finally:
+            if held:
+                try:
+                    release_signals()
+                except RecursionError:
+                    pass  # no stack left here: error() tries again on its way out
+        last = max(seqs, default=0)
+        if last > 0 and wait and (
+            pipeline.metric_waits if stream == METRIC else pipeline.error_waits
+        ):
+            pipeline.wait_for(stream, last)
+
+    def _put(
+        self, pipeline: Pipeline, stream: str, bodies: List[bytes], seqs: Optional[List[int]],
+        handed_over: bool = False,
+    ) -> Tuple[Pipeline, List[int]]:
+        """_submit()'s puts; returns the pipeline that took the records and what it returned."""
+        if seqs is None:  # only the last one wakes the worker: they go out together
+            urgent, final = stream == ERROR or pipeline.metric_urgent, len(bodies) - 1
+            seqs = [pipeline.put(stream, body, urgent and i == final)
+                    for i, body in enumerate(bodies)]
+        if DROPPED in seqs:
             self._log.warning(
                 f"buffer-full:{stream}",
                 "dxtrack's %s buffer is full: records are being dropped (see stats()['dropped'])",
                 stream,
             )
-            return
-        # CLOSED: a concurrent configure() replaced the pipeline; hand the record to the new one.
+        closed = [body for body, seq in zip(bodies, seqs) if seq == CLOSED]
         state = self._state
-        if state is None:
-            for _ in bodies:
-                self._refuse(stream)
-            return
-        pipeline = state[1]
-        if stream == METRIC:
-            for body in bodies:
-                seq = pipeline.put(METRIC, body, pipeline.metric_urgent)
-                if seq == CLOSED:
-                    self._refuse(stream, closed=True)
-                elif seq == DROPPED:  # counted by the buffer
-                    self._after_refusal(stream, DROPPED, [])
-                elif pipeline.metric_waits:
-                    pipeline.wait_for(METRIC, seq)
-        else:
-            results = pipeline.put_errors(bodies, wait)
-            for result in results:
-                if result == CLOSED:
-                    self._refuse(stream, closed=True)
-            if DROPPED in results:
-                self._after_refusal(stream, DROPPED, [])
+        if closed and not handed_over and state is not None:
+            return self._put(state[1], stream, closed, None, handed_over=True)
+        for _ in closed:
+            self._refuse(stream, closed=handed_over)
+        return pipeline, seqs
 
     def _unconfigured(self, stream: str, count: int = 1) -> Optional[_State]:
         """The state to use when none is set: adopted from a parent process, or None."""

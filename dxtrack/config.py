@@ -1,32 +1,27 @@
-"""The validated, immutable settings of a dxtrack client.
+"""The validated, immutable settings of a dxtrack client, each option defined once.
 
-``configure()`` builds one :class:`Config` and every other part of the library
-reads from it. All validation happens here, once, so that the hot path
-(``metric()``) trusts what it is given.
+Each field of :class:`Config` is an option: a type, a default and an :class:`Option`
+(its check; secret or not; read from ``DXTRACK_<OPTION>``, passed to child processes,
+a flag of the ``dxtrack`` command or not), from which the rest is derived. All
+validation happens here, once, so that the hot path (``metric()``) trusts its settings.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
-from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Mapping, Optional, Tuple
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple, Union
 
 from .exceptions import ConfigurationError
 from .sinks.packing import MAX_RECORD_BYTES as FIREHOSE_MAX_RECORD_BYTES
 
 __all__ = [
-    "Config",
-    "DEFAULT_BLOCK_TIMEOUT",
-    "DEFAULT_FLUSH_INTERVAL",
-    "DEFAULT_MAX_BUFFER_BYTES",
-    "DEFAULT_MAX_BUFFER_RECORDS",
-    "DEFAULT_MAX_RECORD_BYTES",
-    "DEFAULT_REGION",
-    "DEFAULT_RETRY_DEADLINE",
-    "DEFAULT_SHUTDOWN_TIMEOUT",
-    "DEFAULT_SYNC_TIMEOUT",
+    "Config", "DEFAULT_BLOCK_TIMEOUT", "DEFAULT_FLUSH_INTERVAL", "DEFAULT_MAX_BUFFER_BYTES",
+    "DEFAULT_MAX_BUFFER_RECORDS", "DEFAULT_MAX_RECORD_BYTES", "DEFAULT_REGION",
+    "DEFAULT_RETRY_DEADLINE", "DEFAULT_SHUTDOWN_TIMEOUT", "DEFAULT_SYNC_TIMEOUT", "OPTIONS",
     "STAGES",
 ]
 
@@ -57,144 +52,33 @@ DEFAULT_MAX_RECORD_BYTES = 1_000_000
 #: Longest ``context`` or ``run_id``: they travel in every record.
 MAX_LABEL_CHARS = 1024
 
-_SECRET_FIELDS = frozenset({"aws_secret_access_key", "aws_session_token"})
+#: ``check(name, value)`` raises ConfigurationError, or returns None (keep the value) or
+#: the value to keep instead.
+Check = Callable[[str, Any], Any]
 
 
-@dataclass(frozen=True)
-class Config:
-    """Settings of one client. Build it with keywords; it validates itself.
+class Flag(NamedTuple):
+    """An option's flag on the ``dxtrack`` command (:mod:`dxtrack.cli`)."""
 
-    The ``repr`` never shows a secret: the secret key and session token are
-    replaced by ``'***'`` and the access key id is cut to its last four
-    characters.
-    """
-
-    stage: str
-    context: str
-    run_id: str
-    default_metadata: Mapping[str, Any] = field(default_factory=dict)
-    # Credentials and AWS endpoint.
-    profile_name: Optional[str] = None
-    aws_access_key_id: Optional[str] = None
-    aws_secret_access_key: Optional[str] = None
-    aws_session_token: Optional[str] = None
-    region_name: Optional[str] = None
-    endpoint_url: Optional[str] = None
-    error_stream: Optional[str] = None
-    metric_stream: Optional[str] = None
-    pack_records: bool = True
-    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
-    # Delivery modes.
-    buffer_metrics: bool = False
-    use_async_requests: bool = False
-    papertrail_hostport: Optional[str] = None
-    #: Record (and flush) exceptions nobody caught, in the main thread and in threads.
-    capture_unhandled: bool = False
-    #: In the main process, flush and exit with status 143 on a SIGTERM left at its default.
-    handle_sigterm: bool = True
-    # Record format and stage 'test' output.
-    timestamp_format: str = "unix"
-    output_dir: str = "./.dxtrack_output"
-    test_output: str = "file"
-    # The pipeline.
-    max_buffer_records: int = DEFAULT_MAX_BUFFER_RECORDS
-    max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES
-    on_full: str = "drop_newest"
-    block_timeout: float = DEFAULT_BLOCK_TIMEOUT
-    flush_interval: float = DEFAULT_FLUSH_INTERVAL
-    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
-    retry_deadline: float = DEFAULT_RETRY_DEADLINE
-    sync_timeout: float = DEFAULT_SYNC_TIMEOUT
-    #: A sink object replacing the stage's own destination (tests, custom outputs).
-    sink: Any = None
-
-    def __post_init__(self) -> None:
-        _choice("stage", self.stage, STAGES)
-        _text("context", self.context)
-        _text("run_id", self.run_id)
-        for name in ("context", "run_id"):  # in every record: keep them small
-            if len(getattr(self, name)) > MAX_LABEL_CHARS:
-                raise ConfigurationError(
-                    f"{name} must be at most {MAX_LABEL_CHARS:,} characters", option=name
-                )
-        if self.default_metadata is None:
-            object.__setattr__(self, "default_metadata", {})
-        elif not isinstance(self.default_metadata, Mapping):
-            raise ConfigurationError(
-                "default_metadata must be a dict or None, got "
-                f"{type(self.default_metadata).__name__}",
-                option="default_metadata",
-            )
-        else:
-            # A private snapshot: later changes to the caller's dict change nothing.
-            object.__setattr__(self, "default_metadata", _snapshot(self.default_metadata))
-        for name in (
-            "profile_name", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
-            "region_name", "endpoint_url", "error_stream", "metric_stream",
-        ):
-            value = getattr(self, name)
-            if value is not None:
-                _text(name, value, secret=name in _SECRET_FIELDS)
-        if self.endpoint_url is not None:
-            _endpoint("endpoint_url", self.endpoint_url)
-        if self.region_name is not None:
-            _region("region_name", self.region_name)
-        if (self.aws_access_key_id is None) != (self.aws_secret_access_key is None):
-            raise ConfigurationError(
-                "aws_access_key_id and aws_secret_access_key must be given together",
-                option="aws_secret_access_key",
-            )
-        for name in ("pack_records", "buffer_metrics", "use_async_requests", "capture_unhandled",
-                     "handle_sigterm"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigurationError(
-                    f"{name} must be True or False, got {getattr(self, name)!r}", option=name
-                )
-        if self.papertrail_hostport is not None:
-            _hostport("papertrail_hostport", self.papertrail_hostport)
-        _choice("timestamp_format", self.timestamp_format, TIMESTAMP_FORMATS)
-        _choice("test_output", self.test_output, TEST_OUTPUTS)
-        if not isinstance(self.output_dir, (str, os.PathLike)) or not os.fspath(self.output_dir):
-            raise ConfigurationError(
-                f"output_dir must be a non-empty path, got {self.output_dir!r}",
-                option="output_dir",
-            )
-        _choice("on_full", self.on_full, ON_FULL_POLICIES)
-        _integer("max_buffer_records", self.max_buffer_records, minimum=1)
-        _integer("max_buffer_bytes", self.max_buffer_bytes, minimum=FIREHOSE_MAX_RECORD_BYTES)
-        _integer("max_record_bytes", self.max_record_bytes, minimum=1024,
-                 maximum=FIREHOSE_MAX_RECORD_BYTES)
-        for name in ("block_timeout", "flush_interval", "shutdown_timeout", "retry_deadline",
-                     "sync_timeout"):
-            _seconds(name, getattr(self, name))
-        if self.sink is not None and not callable(getattr(self.sink, "send", None)):
-            raise ConfigurationError("sink must have a send(stream, lines) method", option="sink")
-
-    def stream_name(self, stream: str) -> str:
-        """The Firehose delivery stream that receives ``stream`` ('metric' or 'error')."""
-        override = self.metric_stream if stream == "metric" else self.error_stream
-        return override or f"dxtrack-{stream}-input-{self.stage}"
-
-    def __repr__(self) -> str:
-        parts = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None or (f.name == "default_metadata" and not value):
-                continue
-            if f.name in _SECRET_FIELDS:
-                shown = "'***'"
-            elif f.name == "aws_access_key_id":
-                shown = repr("***" + value[-4:])
-            else:
-                shown = repr(value)
-            parts.append(f"{f.name}={shown}")
-        return f"Config({', '.join(parts)})"
+    name: str
+    metavar: Optional[str]
+    help: str
+    #: Where the value comes from when neither the flag nor the variable gives it.
+    fallback: str = ""
+    choices: Tuple[str, ...] = ()
 
 
-def _choice(name: str, value: Any, allowed: Tuple[str, ...]) -> None:
-    if value not in allowed:
-        choices = ", ".join(map(repr, allowed))
-        raise ConfigurationError(f"{name} must be one of {choices}, got {value!r}", option=name)
+class Option(NamedTuple):
+    """What an option is besides its type and default, which are its field's."""
+
+    check: Check
+    #: Never shown by ``repr``, never read from ``DXTRACK_*``, never passed to children.
+    secret: bool
+    #: ``DXTRACK_<OPTION>`` gives a default (:mod:`dxtrack.env`).
+    env: bool
+    #: A child process adopts it (:meth:`Config.for_children`).
+    children: bool
+    flag: Optional[Flag]
 
 
 def _text(name: str, value: Any, *, secret: bool = False) -> None:
@@ -207,6 +91,75 @@ def _text(name: str, value: Any, *, secret: bool = False) -> None:
         else:
             shown = f"a value of type {type(value).__name__}"
         raise ConfigurationError(f"{name} must be a non-empty string, got {shown}", option=name)
+
+
+def _option(
+    default: Any = MISSING, check: Check = _text, *, factory: Any = MISSING,
+    secret: bool = False, env: bool = True, children: bool = True, flag: Optional[Flag] = None,
+) -> Any:
+    """A field of :class:`Config`: one option, defined once.
+
+    A secret is neither read from the environment nor passed to children. An
+    option whose default is ``None`` may be left ``None``: ``check`` sees only
+    the values given.
+    """
+    if secret:
+        check = functools.partial(_text, secret=True)
+    option = Option(check, secret, env and not secret, children and not secret, flag)
+    return field(default=default, default_factory=factory, metadata={"option": option})
+
+
+def _must(test: Callable[[Any], bool], what: str) -> Check:
+    """A check refusing, as ``<name> must <what>, got <value>``, a value that fails ``test``."""
+
+    def check(name: str, value: Any) -> None:
+        if not test(value):
+            raise ConfigurationError(f"{name} must {what}, got {value!r}", option=name)
+
+    return check
+
+
+def _choice(allowed: Tuple[str, ...]) -> Check:
+    return _must(lambda value: value in allowed, f"be one of {', '.join(map(repr, allowed))}")
+
+
+def _whole(minimum: int, maximum: Optional[int] = None) -> Check:
+    bound = f"from {minimum:,} to {maximum:,}" if maximum else f"of at least {minimum:,}"
+    return _must(
+        lambda value: isinstance(value, int) and not isinstance(value, bool)
+        and minimum <= value <= (maximum or value), f"be a whole number {bound}",
+    )
+
+
+_flag = _must(lambda value: isinstance(value, bool), "be True or False")
+_seconds = _must(
+    lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)
+    and math.isfinite(value) and value >= 0, "be a number of seconds >= 0",
+)
+_path = _must(lambda value: isinstance(value, (str, os.PathLike)) and bool(os.fspath(value)),
+              "be a non-empty path")
+
+
+def _hostport(value: Any) -> bool:
+    host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
+def _label(name: str, value: Any) -> None:
+    _text(name, value)
+    if len(value) > MAX_LABEL_CHARS:  # in every record: keep them small
+        raise ConfigurationError(
+            f"{name} must be at most {MAX_LABEL_CHARS:,} characters", option=name
+        )
+
+
+def _metadata(name: str, value: Any) -> Dict[str, Any]:
+    if value is not None and not isinstance(value, Mapping):
+        raise ConfigurationError(
+            f"{name} must be a dict or None, got {type(value).__name__}", option=name
+        )
+    # A private snapshot: later changes to the caller's dict change nothing.
+    return _snapshot({} if value is None else value)
 
 
 def _snapshot(metadata: Mapping[str, Any]) -> Dict[str, Any]:
@@ -224,36 +177,12 @@ def _copy_or_share(value: Any) -> Any:
         return value
 
 
-def _integer(name: str, value: Any, *, minimum: int, maximum: Optional[int] = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
-        maximum is not None and value > maximum
-    ):
-        if maximum is not None:
-            bound = f"from {minimum:,} to {maximum:,}"
-        else:
-            bound = f"of at least {minimum:,}"
-        raise ConfigurationError(
-            f"{name} must be a whole number {bound}, got {value!r}", option=name
-        )
-
-
-def _seconds(name: str, value: Any) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ConfigurationError(
-            f"{name} must be a number of seconds >= 0, got {value!r}", option=name
-        )
-
-
-def _endpoint(name: str, value: str) -> None:
+def _endpoint(name: str, value: Any) -> None:
     # botocore refuses a malformed URL only at the first call, as a plain ValueError, which a
     # background worker could only retry: refuse it here, where it was given.
     from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
 
+    _text(name, value)
     if not (is_valid_endpoint_url(value) or is_valid_ipv6_endpoint_url(value)):
         raise ConfigurationError(
             f"{name} must be a URL such as 'https://firehose.eu-west-1.amazonaws.com', "
@@ -261,9 +190,10 @@ def _endpoint(name: str, value: str) -> None:
         )
 
 
-def _region(name: str, value: str) -> None:
+def _region(name: str, value: Any) -> None:
     from botocore.utils import validate_region_name
 
+    _text(name, value)
     try:
         validate_region_name(value)
     except ValueError:
@@ -272,10 +202,117 @@ def _region(name: str, value: str) -> None:
         ) from None
 
 
-def _hostport(name: str, value: Any) -> None:
-    host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigurationError(f"{name} must look like 'host:port', got {value!r}", option=name)
+def _sink(name: str, value: Any) -> None:
+    if not callable(getattr(value, "send", None)):
+        raise ConfigurationError(f"{name} must have a send(stream, lines) method", option=name)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of one client. Build it with keywords; it validates itself.
+
+    Each field is an option, defined once (see :func:`_option`); ``configure()``
+    takes each by keyword. The ``repr`` never shows a secret: the secret key and
+    session token are replaced by ``'***'`` and the access key id is cut to its
+    last four characters.
+    """
+
+    stage: str = _option(check=_choice(STAGES), flag=Flag("--stage", None, "the stage",
+                                                          choices=STAGES))
+    context: str = _option(check=_label, flag=Flag("--context", "NAME",
+                                                   "name of the job, in every record"))
+    run_id: str = _option(check=_label, flag=Flag("--run-id", "ID",
+                                                  "this run of the job, in every record"))
+    default_metadata: Mapping[str, Any] = _option(check=_metadata, factory=dict)
+    # Credentials and AWS endpoint.
+    profile_name: Optional[str] = _option(None, flag=Flag("--profile", "NAME", "AWS profile",
+                                                          "AWS_PROFILE"))
+    aws_access_key_id: Optional[str] = _option(None, env=False, children=False)
+    aws_secret_access_key: Optional[str] = _option(None, secret=True)
+    aws_session_token: Optional[str] = _option(None, secret=True)
+    region_name: Optional[str] = _option(None, _region, flag=Flag(
+        "--region", "REGION", "AWS region", f"the AWS configuration's, else {DEFAULT_REGION}"))
+    endpoint_url: Optional[str] = _option(None, _endpoint, flag=Flag(
+        "--endpoint-url", "URL", "another Firehose endpoint: a VPC endpoint, LocalStack, moto"))
+    error_stream: Optional[str] = _option(None)
+    metric_stream: Optional[str] = _option(None)
+    pack_records: bool = _option(True, _flag)
+    max_record_bytes: int = _option(DEFAULT_MAX_RECORD_BYTES,
+                                    _whole(1024, FIREHOSE_MAX_RECORD_BYTES))
+    # Delivery modes.
+    buffer_metrics: bool = _option(False, _flag)
+    use_async_requests: bool = _option(False, _flag)
+    papertrail_hostport: Optional[str] = _option(None, _must(_hostport, "look like 'host:port'"))
+    #: Record (and flush) exceptions nobody caught, in the main thread and in threads.
+    capture_unhandled: bool = _option(False, _flag)
+    #: In the main process, flush and exit with status 143 on a SIGTERM left at its default.
+    handle_sigterm: bool = _option(True, _flag)
+    # Record format and stage 'test' output.
+    timestamp_format: str = _option("unix", _choice(TIMESTAMP_FORMATS))
+    output_dir: Union[str, os.PathLike[str]] = _option("./.dxtrack_output", _path)
+    test_output: str = _option("file", _choice(TEST_OUTPUTS))
+    # The pipeline.
+    max_buffer_records: int = _option(DEFAULT_MAX_BUFFER_RECORDS, _whole(1))
+    max_buffer_bytes: int = _option(DEFAULT_MAX_BUFFER_BYTES, _whole(FIREHOSE_MAX_RECORD_BYTES))
+    on_full: str = _option("drop_newest", _choice(ON_FULL_POLICIES))
+    block_timeout: float = _option(DEFAULT_BLOCK_TIMEOUT, _seconds)
+    flush_interval: float = _option(DEFAULT_FLUSH_INTERVAL, _seconds)
+    shutdown_timeout: float = _option(DEFAULT_SHUTDOWN_TIMEOUT, _seconds)
+    retry_deadline: float = _option(DEFAULT_RETRY_DEADLINE, _seconds)
+    sync_timeout: float = _option(DEFAULT_SYNC_TIMEOUT, _seconds)
+    #: A sink object replacing the stage's own destination (tests, custom outputs).
+    sink: Any = _option(None, _sink, env=False, children=False)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.default is None:
+                continue  # an optional option left out
+            checked = f.metadata["option"].check(f.name, value)
+            if checked is not None:
+                object.__setattr__(self, f.name, checked)
+        if (self.aws_access_key_id is None) != (self.aws_secret_access_key is None):
+            raise ConfigurationError(
+                "aws_access_key_id and aws_secret_access_key must be given together",
+                option="aws_secret_access_key",
+            )
+
+    def stream_name(self, stream: str) -> str:
+        """The Firehose delivery stream that receives ``stream`` ('metric' or 'error')."""
+        override = self.metric_stream if stream == "metric" else self.error_stream
+        return override or f"dxtrack-{stream}-input-{self.stage}"
+
+    def for_children(self) -> Dict[str, Any]:
+        """The settings a child process may adopt: no secret, no credentials, no sink.
+
+        ``output_dir`` is made absolute (a child may start elsewhere), and
+        ``explicit_credentials`` says whether keys were given, which a child
+        does not get.
+        """
+        settings = {f.name: getattr(self, f.name) for f in fields(self)
+                    if f.metadata["option"].children}
+        settings["output_dir"] = os.path.abspath(os.fspath(self.output_dir))
+        settings["explicit_credentials"] = self.aws_access_key_id is not None
+        return settings
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None or (f.name == "default_metadata" and not value):
+                continue
+            if f.metadata["option"].secret:
+                shown = "'***'"
+            elif f.name == "aws_access_key_id":
+                shown = repr("***" + value[-4:])
+            else:
+                shown = repr(value)
+            parts.append(f"{f.name}={shown}")
+        return f"Config({', '.join(parts)})"
+
+
+#: Every option, by name, in the order of :class:`Config`'s fields.
+OPTIONS: Dict[str, Option] = {f.name: f.metadata["option"] for f in fields(Config)}
 
 
 def settings_from_kwargs(
@@ -287,8 +324,7 @@ def settings_from_kwargs(
     variables supply the options ``kwargs`` leaves out or sets to ``None``;
     an error about a value taken from a variable names the variable.
     """
-    known = {f.name for f in fields(Config)}
-    unknown = sorted(set(kwargs) - known)
+    unknown = sorted(set(kwargs) - set(OPTIONS))
     if unknown:
         raise TypeError(f"configure() got unexpected keyword argument(s): {', '.join(unknown)}")
     sources: Dict[str, str] = {}

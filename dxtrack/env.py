@@ -1,11 +1,12 @@
 """Defaults for ``configure()`` from ``DXTRACK_<OPTION>`` environment variables.
 
-Every non-secret option can come from the environment, which suits jobs
-started by a scheduler or a container: ``DXTRACK_STAGE=prod`` and so on. An
-argument passed to ``configure()`` always wins over its variable. An empty
-variable counts as unset. A value that does not parse, or that ``Config``
-refuses, is a :class:`~dxtrack.exceptions.ConfigurationError` (a ValueError)
-naming the variable.
+Every option that :class:`~dxtrack.config.Config` marks ``env`` (all but the
+credentials and ``sink``) can come from the environment, which suits jobs
+started by a scheduler or a container: ``DXTRACK_STAGE=prod`` and so on. The
+text is read as the option's type. An argument passed to ``configure()``
+always wins over its variable. An empty variable counts as unset. A value that
+does not parse, or that ``Config`` refuses, is a
+:class:`~dxtrack.exceptions.ConfigurationError` (a ValueError) naming the variable.
 
 Secrets are never read from ``DXTRACK_*``: AWS keys come from the usual
 ``AWS_*`` variables, which boto3 reads itself.
@@ -14,19 +15,17 @@ Secrets are never read from ``DXTRACK_*``: AWS keys come from the usual
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 from typing import Any, Callable, Dict, Mapping, Optional, Set, Tuple
 
 import orjson
 
+from .config import OPTIONS, Config
 from .exceptions import ConfigurationError
 
 __all__ = ["ENV_PREFIX", "ENV_OPTIONS", "environment_defaults", "variable_for"]
 
 ENV_PREFIX = "DXTRACK_"
-
-
-def _text(value: str) -> str:
-    return value
 
 
 def _flag(value: str) -> bool:
@@ -62,35 +61,14 @@ def _json_object(value: str) -> Dict[str, Any]:
     return parsed
 
 
-#: Option name -> parser of its variable's text. Secrets and ``sink`` are not here on purpose.
+#: A variable's text is read as its option's type (the annotation on Config); else as text.
+_PARSERS: Dict[str, Callable[[str], Any]] = {
+    "bool": _flag, "int": _whole, "float": _seconds, "Mapping[str, Any]": _json_object,
+}
+
+#: Option name -> parser of its variable's text, for the options Config marks ``env``.
 ENV_OPTIONS: Dict[str, Callable[[str], Any]] = {
-    "stage": _text,
-    "context": _text,
-    "run_id": _text,
-    "default_metadata": _json_object,
-    "profile_name": _text,
-    "region_name": _text,
-    "endpoint_url": _text,
-    "error_stream": _text,
-    "metric_stream": _text,
-    "pack_records": _flag,
-    "max_record_bytes": _whole,
-    "buffer_metrics": _flag,
-    "use_async_requests": _flag,
-    "papertrail_hostport": _text,
-    "capture_unhandled": _flag,
-    "handle_sigterm": _flag,
-    "timestamp_format": _text,
-    "output_dir": _text,
-    "test_output": _text,
-    "max_buffer_records": _whole,
-    "max_buffer_bytes": _whole,
-    "on_full": _text,
-    "block_timeout": _seconds,
-    "flush_interval": _seconds,
-    "shutdown_timeout": _seconds,
-    "retry_deadline": _seconds,
-    "sync_timeout": _seconds,
+    f.name: _PARSERS.get(str(f.type), str) for f in fields(Config) if OPTIONS[f.name].env
 }
 
 #: Variables dxtrack sets or reads for its own purposes, not options.

@@ -1,24 +1,10 @@
-"""A ``logging`` handler that reports logged exceptions to dxtrack.
+"""``DXTrackHandler``: a ``logging`` handler that turns logged exceptions into error records.
 
-Code that already logs its failures needs no change beyond one line::
-
-    logging.getLogger().addHandler(dxtrack.DXTrackHandler())
-
-    try:
-        parse(page)
-    except ParseError:
-        log.exception("page %s could not be parsed", url)   # -> an error record
-
-Only records at the handler's level (ERROR by default) or above that carry
-exception information become error records; the logger's name, the level and
-the formatted message go into the record's metadata. Everything else passes
-by untouched, and dxtrack's own log lines never loop back into it: they are
-filtered out before the handler's lock is taken, so the worker thread logging
-a delivery problem never waits for a thread that is inside the handler.
-
-The handler never waits for delivery, whatever the client's mode: a logging
-call returns as soon as the record is queued (it is sent by the worker, and
-at the latest by the exit flush).
+Records at the handler's level (ERROR by default) that carry an exception become
+error records, with the logger's name, the level and the message as metadata; the
+handler never waits for delivery. dxtrack's own log lines are filtered out before
+the handler's lock is taken, so the worker logging a delivery problem never waits
+for a thread inside the handler. Users' guide: docs/errors-and-integrations.md.
 """
 
 from __future__ import annotations
@@ -69,7 +55,7 @@ class DXTrackHandler(logging.Handler):
                 "level": record.levelname,
                 "message": record.getMessage(),
             }
-            self.client._error(metadata, exc_info[1], wait=False)  # type: ignore[index]
+            self.client.record_error(exc_info[1], metadata, wait=False)  # type: ignore[index]
         except Exception:
             self.handleError(record)
         finally:

@@ -1,22 +1,13 @@
 """``capture_unhandled=True``: exceptions nobody caught become error records.
 
-:class:`UnhandledCapture` chains :data:`sys.excepthook` (the main thread) and
-:func:`threading.excepthook` (other threads). For each uncaught exception it
-queues an error record with the traceback, without waiting for delivery, then
-lets the hook that was there before run, so what the program prints is
-unchanged and printed at once. A thread's record is then flushed within the
-client's ``shutdown_timeout``, since the thread is about to end; the main
-thread's goes out with the exit flush, which runs next, within the same bound.
-
-``KeyboardInterrupt`` is not recorded (a person stopped the job), nor is
-``SystemExit`` in a thread (Python ignores it there too).
-
-Each install puts a link in front of the current hook. Uninstalling takes the
-link out when it is still the hook in place; when something chained itself on
-top meanwhile, the link stays in that chain and only passes calls on (taking
-it out would break the other hook's chain). Capturing again later adds a new
-link in front if the old one is not in place; an exception that passes
-through two links of one client is recorded once.
+:class:`UnhandledCapture` puts a link in front of :data:`sys.excepthook` (the main
+thread) and :func:`threading.excepthook` (other threads). A link queues the record
+without waiting (a thread's is flushed before the thread ends; the main thread's
+goes with the exit flush), then calls the hook that was there before, so what the
+program prints is unchanged. Uninstalling takes a link out only while it is the
+hook in place; otherwise it stays in the chain and only passes calls on, and an
+exception meeting two links of one client is recorded once. Users' guide:
+docs/errors-and-integrations.md.
 """
 
 from __future__ import annotations
@@ -69,8 +60,8 @@ class UnhandledCapture:
         """Queue ``exc`` unless this capture is off or already passing it on; True if queued."""
         if not self.active or getattr(self._handling, "exception", None) is exc:
             return False
-        # error() never raises; it logs its own trouble.
-        self._client._error({"unhandled": True, "thread": thread}, exc, wait=False)
+        # Never raises; it logs its own trouble.
+        self._client.record_error(exc, {"unhandled": True, "thread": thread}, wait=False)
         return True
 
     def pass_on(self, exc: BaseException, call: Callable[[], Any]) -> None:

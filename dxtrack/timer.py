@@ -1,22 +1,10 @@
 """``dxtrack.timer(name)``: the seconds a block or a function call took, as a metric.
 
-::
-
-    with dxtrack.timer("scrape.seconds", metadata={"shop": shop}):
-        scrape(shop)
-
-    @dxtrack.timer("export.seconds")
-    def export(): ...
-
-Time comes from the client's monotonic clock, so a change of the wall clock
-never shows up as a negative or huge duration. The metric is recorded
-whether the block returns or raises (the time was spent either way) and the
-exception goes on unchanged; a metric that cannot be recorded when the block
-ends (metadata too large for a Firehose record, say) is reported on the
-``dxtrack`` logger, never raised over the block's own outcome.
-
-Start times live in a context variable, so blocks that overlap in threads or
-in asyncio tasks each measure their own time, even through one timer object.
+Measured on the client's monotonic clock and recorded whether the block returns or
+raises; a metric that cannot be recorded when the block ends is logged, never raised
+over the block's own outcome. Start times live in a context variable, so blocks that
+overlap in threads or asyncio tasks each measure their own time, even through one
+timer object. Users' guide: docs/errors-and-integrations.md.
 """
 
 from __future__ import annotations
@@ -82,7 +70,7 @@ class Timer:
         key = id(self)
         starts = open_blocks.pop(key, ())
         if not starts:  # the block ended in another context than it began (a thread pool, say)
-            self._client._log.warning(
+            self._client.log.warning(
                 f"timer-context:{self.name}",
                 "dxtrack.timer(%r): the block ended in another context than it began in; "
                 "nothing recorded", self.name,
@@ -128,7 +116,7 @@ class Timer:
         try:
             self._client.metric(self.name, seconds, self.metadata)
         except (TypeError, ValueError) as exc:
-            self._client._log.warning(
+            self._client.log.warning(
                 f"timer:{self.name}", "dxtrack.timer(%r) could not record its metric: %s",
                 self.name, exc,
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import os
 import re
@@ -716,6 +717,66 @@ class TestMetadataSnapshot:
             {"host": "w3", "tags": ["x"]},
             {"host": "w3", "tags": ["x"], "shop": "a"},
         ]
+
+
+class Meanwhile(Mapping):  # type: ignore[type-arg]
+    """Metadata whose first read runs ``action``: a configure() or close() in another thread,
+    landing after the call took the client's pipeline and before it queued the record."""
+
+    def __init__(self, action: Callable[[], Any]) -> None:
+        self.action: Any = action
+
+    def _read(self) -> None:
+        action, self.action = self.action, None
+        if action is not None:
+            action()
+
+    def __getitem__(self, key: Any) -> Any:
+        self._read()
+        return "a"
+
+    def __iter__(self) -> Iterator[Any]:
+        self._read()
+        return iter(["shop"])
+
+    def __len__(self) -> int:
+        return 1
+
+
+RECORD = {
+    "metric": lambda client, metadata: client.metric("rows", 1, metadata=metadata),
+    "error": lambda client, metadata: client.error(metadata, ValueError("x")),
+    "errors": lambda client, metadata: client.errors([ValueError("a")], metadata),
+}
+
+
+class TestPipelineClosedMeanwhile:
+    """A record refused by a pipeline closed during the call goes to the one in use now."""
+
+    @pytest.mark.parametrize("call", list(RECORD))
+    def test_handed_to_the_new_pipeline_and_waited_for(
+        self, make_client: MakeClient, call: str
+    ) -> None:
+        old, new = MemorySink(), MemorySink()
+        client = make_client(sink=old)
+        reconfigure = functools.partial(client.configure, stage="test", context="new",
+                                        run_id="2", sink=new)
+        RECORD[call](client, Meanwhile(reconfigure))
+        stream = "metric" if call == "metric" else "error"
+        # Built under the settings it was called with; delivered before the call returned.
+        assert [(r["context"], r["metadata"]) for r in new.records(stream)] == [
+            ("tests", {"shop": "a"})
+        ]
+        assert old.lines(stream) == [] and client.stats()["dropped"] == {}
+
+    @pytest.mark.parametrize("call", list(RECORD))
+    def test_counted_as_closed_when_no_pipeline_is_left(
+        self, make_client: MakeClient, call: str
+    ) -> None:
+        sink = MemorySink()
+        client = make_client(sink=sink)
+        RECORD[call](client, Meanwhile(client.close))
+        assert client.stats()["dropped"] == {"closed": 1} and sink.lines("metric") == []
 
 
 class TestIndependentInstances:

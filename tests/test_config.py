@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import os
+import re
 import threading
+from pathlib import Path
 from typing import Any, Dict
 
 import pytest
 
-from dxtrack import Config, ConfigurationError, DXTrack, DXTrackError
-from dxtrack.config import DEFAULT_REGION
+from dxtrack import Config, ConfigurationError, DXTrack, DXTrackError, MemorySink
+from dxtrack.config import DEFAULT_REGION, OPTIONS
+
+ROOT = Path(__file__).resolve().parent.parent
 
 REQUIRED = dict(stage="test", context="tests", run_id="run-1")
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY"
@@ -288,3 +294,43 @@ class TestProfileIsChecked:
             assert client.configure(**{**REQUIRED, **other}, profile_name="nosuch")
         finally:
             client.close()
+
+
+class TestOptionsDefinedOnce:
+    """configure()'s keywords, the README's table and the children's settings follow Config."""
+
+    def test_configure_takes_each_option_as_a_typed_keyword(self) -> None:
+        parameters = list(inspect.signature(DXTrack.configure).parameters.values())[1:]
+        assert [p.name for p in parameters] == list(OPTIONS)
+        for parameter, f in zip(parameters, dataclasses.fields(Config)):
+            typed = str(f.type) if str(f.type).startswith(("Optional[", "Any")) else (
+                f"Optional[{f.type}]")
+            assert (parameter.kind, parameter.default, parameter.annotation) == (
+                inspect.Parameter.KEYWORD_ONLY, None, typed), f.name
+
+    def test_the_readme_table_lists_every_option_with_its_default(self) -> None:
+        readme = (ROOT / "README.md").read_text(encoding="utf-8")
+        section = readme.split("### Options of `configure()`", 1)[1].split("\n#", 1)[0]
+        shown: Dict[str, str] = {}  # option -> its default cell
+        for row in re.findall(r"^\| `.*", section, flags=re.MULTILINE):
+            names, default = [cell.strip() for cell in row.split("|")[1:3]]
+            for name in re.findall(r"`(\w+)`", names):
+                assert name not in shown, f"{name} is listed twice"
+                shown[name] = default
+        assert set(shown) == set(OPTIONS)
+        for f in dataclasses.fields(Config):
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                assert shown[f.name] == "", f.name  # required
+            else:  # default_metadata's fresh {} is shown as None
+                default = None if f.default is dataclasses.MISSING else f.default
+                assert ast.literal_eval(shown[f.name].split("`")[1]) == default, f.name
+
+    def test_children_get_every_option_but_credentials_and_sink(self) -> None:
+        settings = config(output_dir="relative/out", aws_access_key_id=KEY_ID,
+                          aws_secret_access_key=SECRET, aws_session_token=SESSION_TOKEN,
+                          sink=MemorySink(), profile_name="datalake").for_children()
+        withheld = {"aws_access_key_id", "aws_secret_access_key", "aws_session_token", "sink"}
+        assert set(settings) == set(OPTIONS) - withheld | {"explicit_credentials"}
+        assert (settings["explicit_credentials"], settings["profile_name"]) == (True, "datalake")
+        assert settings["output_dir"] == os.path.abspath("relative/out")
+        assert config().for_children()["explicit_credentials"] is False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +161,5 @@ class TestDocumented:
         page = (ROOT / "docs" / "environment.md").read_text(encoding="utf-8")
         missing = [variable_for(o) for o in ENV_OPTIONS if f"| `{variable_for(o)}`" not in page]
         assert not missing
+        listed = re.findall(r"^\| `(DXTRACK_\w+)` \| `(\w+)` \|", page, flags=re.MULTILINE)
+        assert sorted(listed) == sorted((variable_for(o), o) for o in ENV_OPTIONS)
