@@ -4,9 +4,14 @@ Each is compared with the plain call it wraps, measured in the same rounds:
 
 - ``metric()`` (async mode) alone, and with ``papertrail_hostport`` pointing at
   a UDP socket on 127.0.0.1 that this benchmark drains, so every copy is
-  really formatted and sent. Wall time includes the forwarder thread's share
+  really formatted and sent. Wall time includes the copies' thread's share
   of the GIL, which is what a job would feel; the copies it could not keep up
   with are counted as dropped (reported below the table).
+- What one Papertrail copy costs in CPU, every thread counted: ``process_time``
+  over 5,000 ``metric()`` calls and the flush that sends them (fewer than the
+  copies' queue holds, so none is dropped), with Papertrail minus without, in
+  the same round, divided by the copies sent. Its socket is never read, so no
+  receiving thread is counted.
 - ``with client.timer(...)`` (a new timer each call, as code writes it) and a
   ``@client.timer``-decorated function, against ``metric()`` with a value the
   caller timed itself with ``time.monotonic()``.
@@ -74,6 +79,18 @@ def timed_loop(fn: Callable[[int], None], n: int, dx: Any) -> PerCall:
     return wall / n, cpu / n
 
 
+def all_threads(dx: Any, n: int) -> PerCall:
+    """CPU of every thread per ``metric()``, the flush that sends them included; and the
+    share of them that were sent to Papertrail (0 without it)."""
+    before = dx.stats().get("papertrail_sent", 0)
+    cpu = time.process_time()
+    for i in range(n):
+        dx.metric(c.NAME, i, c.METADATA)
+    dx.flush_metrics_buffer(60)
+    cpu = time.process_time() - cpu
+    return cpu / n, (dx.stats().get("papertrail_sent", 0) - before) / n
+
+
 def _fail() -> None:
     raise ValueError("page 3 of example-shop returned no products")
 
@@ -98,8 +115,12 @@ def run(quick: bool) -> c.Report:
     n = 20_000 if quick else 100_000
     n_err = 1_000 if quick else 3_000
     count = 3 if quick else 5
+    n_copies = 2_000 if quick else 5_000
     drain = UdpDrain()
+    unread = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # datagrams the kernel drops
+    unread.bind(("127.0.0.1", 0))
     plain, teed = client(), client(papertrail_hostport=drain.hostport)
+    quiet = client(papertrail_hostport=f"127.0.0.1:{unread.getsockname()[1]}")
     name, md = c.NAME, c.METADATA
     monotonic = time.monotonic
 
@@ -139,6 +160,8 @@ def run(quick: bool) -> c.Report:
         "decorated": lambda: timed_loop(lambda i: decorated(), n, plain),
         "error": lambda: timed_loop(error, n_err, plain),
         "handler": lambda: timed_loop(logged, n_err, plain),
+        "cpu_plain": lambda: all_threads(plain, n_copies),
+        "cpu_copies": lambda: all_threads(quiet, n_copies),
     }
     try:
         results = c.rounds(count, variants)
@@ -147,7 +170,9 @@ def run(quick: bool) -> c.Report:
     finally:
         plain.close(5)
         teed.close(5)
+        quiet.close(5)
         drain.close()
+        unread.close()
     wall = {key: [w for w, _ in values] for key, values in results.items()}
     cpu = {key: [t for _, t in values] for key, values in results.items()}
 
@@ -179,4 +204,24 @@ def run(quick: bool) -> c.Report:
     )
     table.notes.append("sink: discards; stage 'test'; ratios are medians of per-round ratios")
     report.tables.append(table)
+    report.tables.append(copy_table(results, count, n_copies))
     return report
+
+
+def copy_table(results: Dict[str, Any], count: int, n: int) -> c.Table:
+    plain = [cpu for cpu, _ in results["cpu_plain"]]
+    copies = [cpu for cpu, _ in results["cpu_copies"]]
+    sent = [share for _, share in results["cpu_copies"]]
+    per_copy = [(b - a) / share for a, b, share in zip(plain, copies, sent) if share]
+    table = c.Table(
+        f"Papertrail, CPU per copy (µs, process_time of every thread; median of {count} "
+        f"rounds of {n:,} metric() calls and their flush)",
+        ["variant", "CPU µs per metric", "spread"],
+    )
+    table.add("metric() (async) and flush", f"{c.median(plain) * 1e6:.2f}",
+              c.spread(plain, 1e6))
+    table.add("the same with Papertrail", f"{c.median(copies) * 1e6:.2f}", c.spread(copies, 1e6))
+    table.add("one Papertrail copy (the difference)", f"{c.median(per_copy) * 1e6:.2f}",
+              c.spread(per_copy, 1e6))
+    table.notes.append(f"copies sent per metric, by round: {', '.join(f'{s:.3f}' for s in sent)}")
+    return table

@@ -204,10 +204,11 @@ class DXTrack:
         return self._log
 
     @property
-    def sink(self) -> Optional[Sink]:
-        """The sink records go to (for tests and introspection), or ``None``."""
+    def sink(self) -> Any:
+        """The sink records go to (for tests and introspection): the object given as
+        ``sink=``, if any, else the stage's; ``None`` before ``configure()``."""
         state = self._state
-        return state[1].sink if state is not None else None
+        return getattr(state[1].sink, "wrapped", state[1].sink) if state is not None else None
 
     # -- recording -------------------------------------------------------------
     def metric(

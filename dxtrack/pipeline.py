@@ -2,12 +2,15 @@
 
 The pipeline decides how long a caller waits (the delivery modes), starts the
 worker on the first record and again if it ever dies, implements flush and
-close with honest deadlines, survives ``fork()``, and flushes at exit.
+close with honest deadlines, survives ``fork()``, and flushes at exit. With
+``papertrail_hostport``, a route of its own (:class:`_Copies`) carries a
+best-effort copy of each record.
 """
 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import threading
 import time
@@ -15,10 +18,9 @@ import weakref
 from typing import Callable, Dict, List, Optional, Sequence, cast, overload
 
 from ._logging import RateLimitedLog, logger
-from .buffer import CLOSED, RingBuffer
+from .buffer import CLOSED, DROPPED, RingBuffer
 from .clock import Clock
 from .config import Config
-from .papertrail import PapertrailForwarder
 from .processes import (
     block_signals_in_this_thread,
     mark_exiting,
@@ -27,12 +29,14 @@ from .processes import (
 )
 from .records import ERROR, METRIC
 from .sinks.base import Sink
+from .sinks.papertrail import PapertrailSink
 from .worker import DEFAULT_RETRY, RetryPolicy, Worker, in_delivery_thread, quantity
 
 __all__ = ["Pipeline"]
 
 _live: weakref.WeakSet[Pipeline] = weakref.WeakSet()
 _live_lock = threading.Lock()
+_MAX_COPIES = 10_000  # Papertrail copies waiting at most; more are dropped
 
 
 class Pipeline:
@@ -63,10 +67,10 @@ class Pipeline:
         #: The caller's entry point: ``put(stream, body, urgent) -> sequence number``.
         self.put: Callable[[str, bytes, bool], int] = self.buffer.put
         #: A best-effort syslog copy of every record, when ``papertrail_hostport`` is set.
-        self.forwarder: Optional[PapertrailForwarder] = None
+        self.copies: Optional[_Copies] = None
         if config.papertrail_hostport is not None:
-            self.forwarder = PapertrailForwarder(config.papertrail_hostport, config.context, log)
-            self.put = _teed(self.buffer.put, self.forwarder.put)
+            self.copies = _Copies(config, clock, log, self.buffer.put)
+            self.put = self.copies.put
         self.worker_thread: Optional[threading.Thread] = None
         self.worker: Optional[Worker] = None
         self._start_lock = threading.Lock()
@@ -159,12 +163,10 @@ class Pipeline:
         the same records again. Papertrail copies are waited for within the
         same ``timeout``, but they are best effort: they never change the verdict.
         """
-        forwarder = self.forwarder
-        if forwarder is None or in_delivery_thread():
-            return self._flush_buffer(timeout)
         started = time.monotonic()
         ok = self._flush_buffer(timeout)
-        forwarder.flush(_left(timeout, started))
+        if self.copies is not None:  # from a delivery thread, this returns at once
+            self.copies.route.flush(_left(timeout, started))
         return ok
 
     def _flush_buffer(self, timeout: Optional[float]) -> bool:
@@ -218,9 +220,9 @@ class Pipeline:
             self.worker.close()  # its sender thread, if any, ends once its call returns
         if thread is None or not thread.is_alive():
             self._close_sink()
-        if self.forwarder is not None:
-            self.forwarder.close(_left(timeout, started))
-        if not ok:
+        if self.copies is not None:
+            self.copies.close(_left(timeout, started))
+        if not ok and not self.sink.best_effort:  # copies are not records
             s = self.stats()
             dropped = cast(Dict[str, int], s["dropped"])
             lost = self.buffer.undelivered()
@@ -262,8 +264,8 @@ class Pipeline:
     def stats(self) -> Dict[str, object]:
         snapshot = self.buffer.snapshot()
         snapshot.update(self.sink.stats())
-        if self.forwarder is not None:
-            snapshot.update(self.forwarder.stats())
+        if self.copies is not None:
+            snapshot.update(self.copies.stats())
         return snapshot
 
     def after_fork_in_child(self) -> None:
@@ -276,25 +278,56 @@ class Pipeline:
         self._closing = None
         self.log.after_fork_in_child()
         self.sink.after_fork()
+        if self.copies is not None:
+            self.copies.after_fork_in_child()
 
 
-def _teed(
-    put: Callable[[str, bytes, bool], int], forward: Callable[[str, bytes], None]
-) -> Callable[[str, bytes, bool], int]:
-    """``put`` that also hands each record to ``forward``.
+class _Copies:
+    """The route of the Papertrail copies: a pipeline of their own (at most 10,000 records
+    queued, no retries, nobody waiting), flushed and closed by its parent within the parent's
+    bounds. Copies refused once it closed, or still queued when it closed, count as dropped."""
 
-    Records the buffer drops when full are forwarded all the same (the copy is
-    independent); a record refused because the pipeline closed is not: the
-    client gives it to the next pipeline, which forwards it.
-    """
+    def __init__(self, config: Config, clock: Clock, log: RateLimitedLog,
+                 put: Callable[[str, bytes, bool], int]) -> None:
+        sink = PapertrailSink(cast(str, config.papertrail_hostport), config.context, log,
+                              timer=clock.monotonic)
+        self.route = Pipeline(dataclasses.replace(
+            config, papertrail_hostport=None, max_buffer_records=_MAX_COPIES,
+            on_full="drop_newest", block_timeout=0.0, retry_deadline=0.0,
+        ), sink, clock, log)
+        with _live_lock:  # closed by its parent, never on its own; not records to report
+            _live.discard(self.route)
+        self.parent_put, self.log = put, log
+        self.refused = self.left = 0
 
-    def put_and_forward(stream: str, body: bytes, urgent: bool) -> int:
-        seq = put(stream, body, urgent)
+    def put(self, stream: str, body: bytes, urgent: bool) -> int:
+        """The parent's ``put``, then a copy, sent at once whatever the mode; but none of a
+        record the parent refused as closed (the client gives it to the next pipeline)."""
+        seq = self.parent_put(stream, body, urgent)
         if seq != CLOSED:
-            forward(stream, body)
+            copied = self.route.put(stream, body, True)
+            if copied == CLOSED:
+                self.refused += 1
+            elif copied == DROPPED:
+                self.log.warning(
+                    "papertrail-full", "dxtrack's Papertrail queue is full (%d records): copies "
+                    "are being dropped (see stats()['papertrail_dropped']); Firehose delivery "
+                    "is not affected", _MAX_COPIES)
         return seq
 
-    return put_and_forward
+    def close(self, timeout: float) -> None:
+        self.route.close(timeout)  # then stopped: what is queued stays there
+        self.left = sum(len(s.queue) for s in self.route.buffer.streams.values())
+
+    def stats(self) -> Dict[str, int]:
+        s = self.route.stats()
+        dropped = sum(cast(Dict[str, int], s["dropped"]).values()) + self.refused + self.left
+        return {"papertrail_sent": cast(int, s["delivered"]), "papertrail_dropped": dropped,
+                "papertrail_failed": cast(int, s["failed"])}
+
+    def after_fork_in_child(self) -> None:
+        self.route.after_fork_in_child()
+        self.refused = self.left = 0
 
 
 @overload

@@ -152,6 +152,8 @@ class Worker:
     def _lost(self, stream: str, count: int, in_batch: int, why: str) -> None:
         """Log ``count`` records lost, with the total: those the buffer has settled as failed
         (read without its lock: a log line) and the ``in_batch`` of the batch at hand."""
+        if self.sink.best_effort:
+            return  # such a sink logs its own failures, and they are not lost records
         total = self.buffer.streams[stream].failed + in_batch
         self.log.error(
             f"lost:{stream}", "dxtrack could not deliver %s (%s in all so far): %s",

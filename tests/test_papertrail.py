@@ -1,8 +1,8 @@
-"""Papertrail forwarding (issue 7): syslog copies of records over UDP, off the caller's path.
+"""Papertrail copies (issue 7): syslog copies of records over UDP, off the caller's path.
 
 Every test listens on a real UDP socket on the loopback interface. None
-sleeps to wait for the forwarder thread: they wait on a flush, on a socket
-timeout, or on an event a stand-in for DNS sets (``slow_dns``).
+sleeps to wait for the copies' worker thread: they wait on a flush, on a
+socket timeout, or on an event a stand-in for DNS sets (``slow_dns``).
 """
 
 from __future__ import annotations
@@ -24,17 +24,15 @@ import orjson
 import pytest
 from sinks_for_tests import GateSink
 
-import dxtrack.papertrail as papertrail
-from dxtrack import ConfigurationError, DXTrack
+import dxtrack.sinks.papertrail as papertrail
+from dxtrack import ConfigurationError, DXTrack, MemorySink
 from dxtrack._logging import RateLimitedLog
+from dxtrack.clock import ManualClock, SystemClock
 from dxtrack.config import Config
-from dxtrack.papertrail import (
-    MAX_TRACEBACK_LINES,
-    PapertrailForwarder,
-    syslog_tag,
-)
 from dxtrack.pipeline import Pipeline
-from dxtrack.records import METRIC, RecordBuilder
+from dxtrack.records import METRIC, RecordBuilder, finalize
+from dxtrack.sinks.base import DELIVERED
+from dxtrack.sinks.papertrail import MAX_TRACEBACK_LINES, PapertrailSink, syslog_tag
 
 USER_INFO = 14  # facility user (1) * 8 + severity info (6)
 USER_ERR = 11   # facility user (1) * 8 + severity err (3)
@@ -134,6 +132,21 @@ class SlowDNS:
         return (host, port)
 
 
+class _Lookups:
+    """Name resolution that answers with a receiver's address, or fails when told to."""
+
+    def __init__(self, hostport: str) -> None:
+        host, _, port = hostport.rpartition(":")
+        self.address, self.port = (host, int(port)), int(port)
+        self.calls, self.fail = 0, False
+
+    def __call__(self, host: str, port: int) -> Tuple[str, int]:
+        self.calls += 1
+        if self.fail:
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return self.address
+
+
 @pytest.fixture
 def slow_dns(make_client: MakeClient, monkeypatch: pytest.MonkeyPatch) -> Iterator[SlowDNS]:
     """Closed at first; opened at teardown, before ``make_client`` closes the clients."""
@@ -164,10 +177,10 @@ def pipeline_of(client: DXTrack) -> Pipeline:
     return state[1]
 
 
-def forwarder_of(client: DXTrack) -> PapertrailForwarder:
-    forwarder = pipeline_of(client).forwarder
-    assert forwarder is not None
-    return forwarder
+def copy_pipeline(hostport: str) -> Pipeline:
+    """A pipeline with copies, outside any client: its copy route can be driven directly."""
+    config = Config(stage="test", context="unit", run_id="r1", papertrail_hostport=hostport)
+    return Pipeline(config, MemorySink(), SystemClock(), RateLimitedLog())
 
 
 def local_records(tmp_path: Any, stream: str) -> List[Any]:
@@ -401,12 +414,12 @@ class TestLoggingIsolation:
 
 
 class TestCallersPath:
-    """Sending happens on the forwarder's own thread; nothing it does reaches the caller."""
+    """Sending happens on the copies' own worker thread; nothing it does reaches the caller."""
 
     def test_without_papertrail_the_hot_path_is_the_buffers_own(self, make_client, tmp_path):
         client = make_client(output_dir=str(tmp_path))
         pipeline = pipeline_of(client)
-        assert pipeline.forwarder is None
+        assert pipeline.copies is None
         assert pipeline.put == pipeline.buffer.put
 
     def test_callers_do_not_wait_for_a_slow_dns_answer(
@@ -420,13 +433,13 @@ class TestCallersPath:
         raise_and_record(client, ValueError("boom"))
         assert client.stats()["delivered"] == 6
         assert not slow_dns.opened.is_set()  # all of it while the lookup still hangs
-        assert slow_dns.callers == ["dxtrack-papertrail"]
+        assert slow_dns.callers == ["dxtrack-worker"]  # the copies' worker, not the caller
         slow_dns.opened.set()
         assert client.flush(timeout=10)
         assert len(syslog.wait_for(5)) == 5
 
     @pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX only")
-    def test_the_forwarder_thread_blocks_signals(self, make_client, syslog, tmp_path, dns):
+    def test_the_copies_thread_blocks_signals(self, make_client, syslog, tmp_path, dns):
         client = forwarding_client(make_client, syslog, tmp_path)
         client.metric("rows", 1)
         assert client.flush(timeout=10)
@@ -480,50 +493,64 @@ class TestCallersPath:
                 if "could not send to Papertrail" in r.getMessage()]
         assert "Logging error" not in capsys.readouterr().err
 
-    def test_it_tries_again_after_a_delay(self, syslog, dns):
+    def test_it_tries_again_after_a_delay(self, make_client, syslog, tmp_path, dns):
         dns.failures = [OSError("network is down")]
-        now = [1000.0]
-        forwarder = PapertrailForwarder(syslog.hostport, "unit", RateLimitedLog(),
-                                        timer=lambda: now[0])
-        try:
-            first, second, third = bodies(3)
-            forwarder.put(METRIC, first)
-            assert forwarder.flush(10)
-            forwarder.put(METRIC, second)  # within the delay: not even tried
-            assert forwarder.flush(10)
-            assert dns.calls == 1
-            assert forwarder.stats()["papertrail_failed"] == 2
-            now[0] += 1.0  # the first delay is one second
-            forwarder.put(METRIC, third)
-            assert forwarder.flush(10)
-            assert dns.calls == 2
-            assert syslog.wait_for(1)[0].message.startswith("metric rows=2.0")
-            assert forwarder.stats() == {
-                "papertrail_sent": 1, "papertrail_dropped": 0, "papertrail_failed": 2,
-            }
-        finally:
-            forwarder.close(5)
+        clock = ManualClock()
+        client = forwarding_client(make_client, syslog, tmp_path, clock=clock)
+        client.metric("rows", 0)
+        assert client.flush(timeout=10)
+        client.metric("rows", 1)  # within the delay: not even tried
+        assert client.flush(timeout=10)
+        assert dns.calls == 1
+        assert client.stats()["papertrail_failed"] == 2
+        clock.advance(1.0)  # the first delay is one second
+        client.metric("rows", 2)
+        assert client.flush(timeout=10)
+        assert dns.calls == 2
+        assert syslog.wait_for(1)[0].message.startswith("metric rows=2.0")
+        stats = client.stats()
+        assert {key: stats[key] for key in stats if key.startswith("papertrail_")} == {
+            "papertrail_sent": 1, "papertrail_dropped": 0, "papertrail_failed": 2,
+        }
 
-    def test_a_full_queue_drops_and_counts(self, syslog, make_client, slow_dns, caplog):
-        forwarder = PapertrailForwarder(syslog.hostport, "unit", RateLimitedLog(), max_queued=3)
+    def test_it_resolves_again_every_ten_minutes_and_keeps_the_last_good_address(self, syslog):
+        dns, now = _Lookups(syslog.hostport), [1000.0]
+        sink = PapertrailSink(f"papertrail.test:{dns.port}", "unit", RateLimitedLog(),
+                              timer=lambda: now[0], resolve=dns)
         try:
-            records = bodies(6)
-            forwarder.put(METRIC, records[0])
-            assert slow_dns.entered.wait(10)  # the thread holds record 0, queue empty
-            with caplog.at_level(logging.WARNING, logger="dxtrack"):
-                for body in records[1:]:      # 1, 2 and 3 fit; 4 and 5 do not
-                    forwarder.put(METRIC, body)
-            assert forwarder.stats()["papertrail_dropped"] == 2
-            assert len([r for r in caplog.records if "queue is full" in r.getMessage()]) == 1
-            slow_dns.opened.set()
-            assert forwarder.flush(10)
-            values = [line.message.split()[1] for line in syslog.wait_for(4)]
-            assert values == ["rows=0.0", "rows=1.0", "rows=2.0", "rows=3.0"]
-            assert forwarder.stats() == {
-                "papertrail_sent": 4, "papertrail_dropped": 2, "papertrail_failed": 0,
-            }
+            lines = [finalize(body) for body in bodies(3)]
+            assert sink.send(METRIC, lines[:1]) == DELIVERED
+            now[0] += 599.0
+            assert sink.send(METRIC, lines[1:2]) == DELIVERED and dns.calls == 1
+            now[0] += 1.0  # ten minutes: looked up again, which fails; the old address stays
+            dns.fail = True
+            assert sink.send(METRIC, lines[2:]) == DELIVERED and dns.calls == 2
+            assert [line.message.split()[1] for line in syslog.wait_for(3)] == [
+                "rows=0.0", "rows=1.0", "rows=2.0",
+            ]
         finally:
-            forwarder.close(5)
+            sink.close()
+
+    def test_a_full_queue_drops_and_counts(self, syslog, make_client, tmp_path, slow_dns,
+                                           caplog):
+        client = forwarding_client(make_client, syslog, tmp_path, sink=MemorySink(),
+                                   use_async_requests=True)
+        client.metric("rows", 0)
+        assert slow_dns.entered.wait(10)  # the copies' thread holds record 0, queue empty
+        with caplog.at_level(logging.WARNING, logger="dxtrack"):
+            for value in range(1, 10_003):  # 10,000 fit; the last 2 do not
+                client.metric("rows", value)
+        assert client.stats()["papertrail_dropped"] == 2
+        assert len([r for r in caplog.records if "queue is full" in r.getMessage()]) == 1
+        slow_dns.opened.set()
+        assert client.flush(timeout=30)
+        values = [line.message.split()[1] for line in syslog.wait_for(4)]
+        assert values == ["rows=0.0", "rows=1.0", "rows=2.0", "rows=3.0"]  # the rest as sent
+        stats = client.stats()
+        assert {key: stats[key] for key in stats if key.startswith("papertrail_")} == {
+            "papertrail_sent": 10_001, "papertrail_dropped": 2, "papertrail_failed": 0,
+        }
+        assert stats["delivered"] == 10_003  # Firehose's copies are not affected
 
 
 # -- flush, close, fork --------------------------------------------------------------
@@ -576,26 +603,29 @@ class TestFlushAndClose:
         def refuse(thread: threading.Thread) -> None:
             raise RuntimeError("can't create new thread at interpreter shutdown")
 
-        forwarder = PapertrailForwarder(syslog.hostport, "unit", RateLimitedLog())
+        pipeline = copy_pipeline(syslog.hostport)
         monkeypatch.setattr(threading.Thread, "start", refuse)
         for body in bodies(3):
-            forwarder.put(METRIC, body)
+            pipeline.put(METRIC, body, False)
         if ending == "flush":
-            assert forwarder.flush(5) is True
-        forwarder.close(5)
+            assert pipeline.flush(5) is True
+        pipeline.close(5)
         monkeypatch.undo()
         values = [line.message.split()[1] for line in syslog.wait_for(3)]
         assert values == ["rows=0.0", "rows=1.0", "rows=2.0"]
-        assert forwarder.stats()["papertrail_sent"] == 3
+        assert pipeline.stats()["papertrail_sent"] == 3
 
-    def test_a_closed_forwarder_refuses_and_counts(self, syslog):
-        forwarder = PapertrailForwarder(syslog.hostport, "unit", RateLimitedLog())
-        forwarder.close(5)
-        forwarder.close(5)
-        forwarder.put(METRIC, bodies(1)[0])
-        assert forwarder.flush(1) is True
-        assert forwarder.stats()["papertrail_dropped"] == 1
+    def test_a_closed_copy_route_refuses_and_counts(self, syslog):
+        pipeline = copy_pipeline(syslog.hostport)
+        copies = pipeline.copies
+        assert copies is not None
+        copies.close(5)  # as the parent does once its own records are settled
+        copies.close(5)
+        pipeline.put(METRIC, bodies(1)[0], False)  # a record taken as the parent closes
+        assert pipeline.flush(1) is True
+        assert pipeline.stats()["papertrail_dropped"] == 1
         assert syslog.rest() == []
+        pipeline.close(5)
 
 
 class TestExit:
@@ -639,32 +669,38 @@ class TestExit:
 
 
 class TestFork:
-    """A forked child forwards its own records only, never the parent's queued ones."""
+    """A forked child sends copies of its own records only, never the parent's queued ones."""
 
     @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-    def test_the_child_sends_its_own_lines_only(self, make_client, syslog, tmp_path):
-        client = forwarding_client(make_client, syslog, tmp_path, use_async_requests=True)
+    def test_the_child_sends_its_own_lines_only(self, make_client, syslog, tmp_path, slow_dns):
+        clock = ManualClock()
+        client = forwarding_client(make_client, syslog, tmp_path, use_async_requests=True,
+                                   clock=clock)
+        copies = pipeline_of(client).copies
+        assert copies is not None
         client.metric("parent.rows", 0)
+        slow_dns.opened.set()
         assert client.flush(timeout=10)
-        forwarder = forwarder_of(client)
-        handler = forwarder._handler
-        assert handler is not None
-        handler.acquire()  # the forwarder thread now blocks at its next send
+        slow_dns.opened.clear()
+        slow_dns.entered.clear()
+        clock.advance(600.0)  # the next copy looks the name up again, and blocks there
         try:
             for value in range(1, 6):
                 client.metric("parent.rows", value)
+            assert slow_dns.entered.wait(10)
             pid = os.fork()
             if pid == 0:
                 status = 1
                 try:
-                    queued = len(forwarder._queue)
+                    queued = copies.route.stats()["pending"]
+                    slow_dns.opened.set()  # in the child only: its own lookup answers
                     client.metric("child.rows", 1)
-                    sent = client.flush(timeout=10) and forwarder.stats()["papertrail_sent"]
+                    sent = client.flush(timeout=10) and client.stats()["papertrail_sent"]
                     status = 0 if (queued, sent) == (0, 1) else 2
                 finally:
                     os._exit(status)
         finally:
-            handler.release()
+            slow_dns.opened.set()
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert client.flush(timeout=10)

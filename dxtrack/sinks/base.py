@@ -56,6 +56,8 @@ class Sink(abc.ABC):
     blocking_io: bool = False
     #: With ``blocking_io``: no attempt lasts longer than this many seconds (None: no bound).
     attempt_timeout: Optional[float] = None
+    #: Copies, not records (Papertrail): what it cannot send is counted, never logged as lost.
+    best_effort: bool = False
 
     @abc.abstractmethod
     def send(self, stream: str, lines: Sequence[bytes]) -> SendResult:
