@@ -27,7 +27,7 @@ from .processes import (
     withdraw_settings,
 )
 from .records import ERROR, METRIC, RecordBuilder
-from .sinks import Sink, sink_for
+from .sinks import sink_for
 from .timer import Timer
 from .worker import RetryPolicy
 
