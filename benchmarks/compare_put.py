@@ -1,4 +1,4 @@
-"""RingBuffer.put of this checkout against another checkout's, in one process, interleaved.
+"""StreamBuffer.put of this checkout against another checkout's, in one process, interleaved.
 
     .venv/bin/python benchmarks/compare_put.py /path/to/other/checkout
 
@@ -17,7 +17,7 @@ import sys
 import timeit
 from typing import Any, Dict, List
 
-from dxtrack.buffer import RingBuffer
+from dxtrack.buffer import StreamBuffer
 from dxtrack.clock import SystemClock
 
 ROUNDS, CALLS = 9, 100_000
@@ -31,13 +31,16 @@ def load_other(checkout: str) -> Any:
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its relative imports resolve inside this dxtrack
     spec.loader.exec_module(module)
-    return module.RingBuffer
+    return getattr(module, "StreamBuffer", None) or module.RingBuffer  # before issue 12
 
 
 def per_call_ns(cls: Any) -> float:
     buffer = cls(max_records=10**7, max_bytes=10**10, on_full="drop_newest", block_timeout=1,
                  flush_interval=3600, batch_lines=10**7, batch_bytes=10**10, clock=SystemClock())
-    buffer.worker_running = True  # no worker: only the append is timed
+    if hasattr(buffer, "worker_started"):  # no worker: only the append is timed
+        buffer.worker_started()
+    else:
+        buffer.worker_running = True
     put = buffer.put
     seconds = timeit.timeit(lambda: [put("metric", BODY, False) for _ in range(CALLS)], number=1)
     return seconds / CALLS * 1e9
@@ -47,7 +50,7 @@ def main(argv: List[str]) -> int:
     if len(argv) != 1:
         print(__doc__)
         return 2
-    variants = {"this": RingBuffer, "other": load_other(argv[0])}
+    variants = {"this": StreamBuffer, "other": load_other(argv[0])}
     times: Dict[str, List[float]] = {name: [] for name in variants}
     for _ in range(ROUNDS):
         for name, cls in variants.items():

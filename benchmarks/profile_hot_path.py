@@ -136,7 +136,7 @@ def finalize_p2_p3(open_body: bytes) -> bytes:
     return b'%b,"id":"%b"}\n' % (open_body, _hexlify(digest.digest()))
 
 
-# -- P4: RingBuffer._take_batch takes the whole queue when it fits --
+# -- P4: StreamBuffer._take_batch takes the whole queue when it fits --
 def take_current(queue: Any, limit_lines: int, limit_bytes: int, overhead: int) -> List[bytes]:
     batch: List[bytes] = []
     size = 0
@@ -240,7 +240,7 @@ def format_traceback_p6(exc: BaseException) -> str:
 
 # -- applying proposals in-process, for end-to-end what-ifs --
 def take_batch_p4(self: Any, s: Any, now: float) -> Tuple[str, List[bytes], int]:
-    """RingBuffer._take_batch with P4: the whole queue in one C call when it fits."""
+    """StreamBuffer._take_batch with P4: the whole queue in one C call when it fits."""
     from dxtrack.records import ID_OVERHEAD
 
     queue = s.queue
@@ -271,7 +271,7 @@ def patched(proposals: str) -> Callable[[], None]:
     saved = [
         (records.RecordBuilder, "metric", records.RecordBuilder.metric),
         (worker, "finalize", worker.finalize),
-        (buffer.RingBuffer, "_take_batch", buffer.RingBuffer._take_batch),
+        (buffer.StreamBuffer, "_take_batch", buffer.StreamBuffer._take_batch),
     ]
     if "P1" in proposals:
         records.RecordBuilder.metric = metric_p1  # type: ignore[method-assign]
@@ -281,7 +281,7 @@ def patched(proposals: str) -> Callable[[], None]:
     elif "P3" in proposals:
         worker.finalize = finalize_p3
     if "P4" in proposals:
-        buffer.RingBuffer._take_batch = take_batch_p4  # type: ignore[method-assign]
+        buffer.StreamBuffer._take_batch = take_batch_p4  # type: ignore[method-assign]
 
     def undo() -> None:
         for owner, attribute, value in saved:
@@ -377,11 +377,11 @@ def main() -> None:
     )
     builder, pipeline = dx._state
     buffer = pipeline.buffer
-    stream = buffer.streams["metric"]
+    stream = buffer._streams["metric"]  # a benchmark may look inside
     name, md = c.NAME, c.METADATA
 
     def reset_queue() -> None:
-        with buffer.lock:
+        with buffer._lock:
             stream.queue.clear()
             stream.bytes = 0
             stream.taken = stream.settled = stream.enqueued
@@ -399,7 +399,7 @@ def main() -> None:
         return run
 
     # The worker must not run: pretend it does, and empty the queue by hand every CHUNK.
-    buffer.worker_running = True
+    buffer.worker_started()
     put, build = buffer.put, builder.metric
     bodies = [RecordBuilder(dx.config).metric(name, i, md) for i in range(N)]
     open_bodies = [body[:-1] for body in bodies]
@@ -466,7 +466,7 @@ def main() -> None:
         "  P1 + P2: ... and an exact-size body": caller(
             lambda i: metric_p1_p2(builder, name, i, md)
         ),
-        "RecordBuilder.metric + RingBuffer.put": caller(
+        "RecordBuilder.metric + StreamBuffer.put": caller(
             lambda i: put("metric", build(name, i, md), False)
         ),
         "DXTrack.metric (buffered, worker held off)": caller(lambda i: dx.metric(name, i, md)),
@@ -504,7 +504,7 @@ def main() -> None:
             fn()
             calls = N // 50 if label.startswith(ERROR_ROWS) else N
             results[label].append((_clock() - start) / calls * 1e9)
-    buffer.worker_running = False
+    buffer.worker_ended()
     reset_queue()
     dx.close(1)
     firehose.close(1)

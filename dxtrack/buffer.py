@@ -1,11 +1,11 @@
-"""The bounded, thread-safe ring buffer between callers and the worker.
+"""The buffer between callers and the worker: bounded, thread-safe, numbered queues.
 
-It holds serialized record bodies per stream and is the only state callers
-and the worker share. Every record accepted gets a sequence number in its
-stream; the worker takes records from the head in order and *settles* them
-(delivered or failed) in the same order, so "everything up to sequence N is
-settled" is one integer per stream. Flushes and synchronous callers wait on
-that integer.
+:class:`StreamBuffer` holds serialized record bodies per stream, and all the
+state callers and the worker share; only its own methods change it. Every
+record accepted gets a sequence number in its stream; the worker takes
+records from the head in order and *settles* them (delivered or failed) in
+the same order, so "everything up to sequence N is settled" is one integer
+per stream. Flushes and synchronous callers wait on that integer.
 
 A batch goes out when a caller marks its stream urgent, when it is full (a
 sink batch, or half the buffer when the buffer is the smaller), when the
@@ -40,7 +40,7 @@ from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Set, Tuple
 from .clock import Clock
 from .records import ERROR, ID_OVERHEAD, METRIC
 
-__all__ = ["CLOSED", "DEFERRED", "DROPPED", "Checkpoint", "RingBuffer"]
+__all__ = ["CLOSED", "DEFERRED", "DROPPED", "Checkpoint", "StreamBuffer"]
 
 # What put() returns instead of a sequence number: it did not take the record ...
 DROPPED = 0
@@ -108,7 +108,7 @@ def _lose(s: _Stream, seq: int, count: int) -> None:
     losses.append((seq, count))
 
 
-class RingBuffer:
+class StreamBuffer:
     """Per-stream queues bounded by ``max_records`` and ``max_bytes``."""
 
     def __init__(
@@ -122,6 +122,7 @@ class RingBuffer:
         batch_lines: int,
         batch_bytes: int,
         clock: Clock,
+        start_worker: Callable[[], object] = lambda: None,
     ) -> None:
         self.max_records = max_records
         self.max_bytes = max_bytes
@@ -135,37 +136,53 @@ class RingBuffer:
         self.ready_lines = min(batch_lines, max(1, max_records // 2))
         self.ready_bytes = min(batch_bytes, max(1, max_bytes // 2))
         self.clock = clock
-        #: Called (outside the lock) by put() when no worker is running.
-        self.start_worker: Callable[[], object] = lambda: None
+        #: Called (outside the lock) by put() when no worker is running: the pipeline's.
+        self._start_worker = start_worker
         self._reset()
 
     def _reset(self) -> None:
         """Fresh locks, conditions, queues and counters (at creation and in a forked child)."""
-        self.lock = threading.RLock()
-        self.wake = threading.Condition(self.lock)      # the worker waits here
-        self.progress = threading.Condition(self.lock)  # callers wait here
+        self._lock = threading.RLock()
+        self._wakeup = threading.Condition(self._lock)      # the worker waits here
+        self._progress = threading.Condition(self._lock)  # callers wait here
         self._busy = False  # the lock's holder is half way through a change
         self._folding = False  # _fold() is running: the puts it makes do not start another
         self._waiting: Set[int] = set()  # threads inside a wait of this buffer
         self._side: Deque[Tuple[str, bytes, bool]] = collections.deque()  # see the docstring
-        self.streams: Dict[str, _Stream] = {METRIC: _Stream(METRIC), ERROR: _Stream(ERROR)}
-        self._turn: List[_Stream] = list(self.streams.values())  # who the worker serves first
-        self.worker_running = False
-        self.worker_idle = False
+        self._streams: Dict[str, _Stream] = {METRIC: _Stream(METRIC), ERROR: _Stream(ERROR)}
+        self._turn: List[_Stream] = list(self._streams.values())  # who the worker serves first
+        self._worker_running = False
+        self._worker_idle = False
         self._worker_ident: Optional[int] = None  # the thread that takes batches
-        self.closing = False   # no new records; the worker drains everything left
+        self._closing = False   # no new records; the worker drains everything left
         self.stopped = False   # the worker must return as soon as it can
         self.hurry = 0         # bumped by each flush and close: a retry backoff ends at once
-        self.backing_off = False  # the worker waits to retry a batch: nothing else moves
-        self.counts: Dict[str, int] = collections.defaultdict(int)
+        self._backing_off = False  # the worker waits to retry a batch: nothing else moves
+        self._counts: Dict[str, int] = collections.defaultdict(int)
         # Every key there from the start: a re-entrant put never grows it while it is read.
-        self.dropped: Dict[str, int] = collections.defaultdict(
+        self._dropped: Dict[str, int] = collections.defaultdict(
             int, buffer_full=0, evicted=0, closed=0
         )
 
     def after_fork_in_child(self) -> None:
         """The parent's records are the parent's to send: start empty, with new locks."""
         self._reset()
+
+    # -- the worker's lifecycle, as the pipeline runs it -------------------------------
+    @property
+    def worker_running(self) -> bool:
+        return self._worker_running
+
+    def worker_started(self) -> None:
+        """A worker is about to run: put() starts no other."""
+        self._worker_running = True
+
+    def worker_ended(self) -> bool:
+        """The worker returned; whether records wait for a new one (the buffer is open).
+        A caller that queued one while the worker was dying saw it running and started none."""
+        with self._lock:
+            self._worker_running = False
+            return not self._closing and any(s.queue for s in self._streams.values())
 
     # -- the caller's side -------------------------------------------------
     def put(self, stream: str, body: bytes, urgent: bool) -> int:
@@ -174,22 +191,22 @@ class RingBuffer:
         ``urgent`` wakes the worker now; otherwise the record waits for a full
         batch, the flush interval, or a flush.
         """
-        with self.lock:
+        with self._lock:
             if self._busy:  # we interrupted this thread's own change of the buffer
                 self._side.append((stream, body, urgent))
                 return DEFERRED
             self._busy = True
             try:
-                if self.closing:
+                if self._closing:
                     return CLOSED
-                s = self.streams[stream]
+                s = self._streams[stream]
                 queue = s.queue
                 size = len(body)
                 if len(queue) >= self.max_records or s.bytes + size > self.max_bytes:
                     s.urgent = True  # a full buffer is sent now, whatever the mode
                     self._wake_worker(s)
                     if not self._make_room(s, size):
-                        self.dropped["buffer_full"] += 1
+                        self._dropped["buffer_full"] += 1
                         s.drops += 1
                         return DROPPED
                 if not queue and not urgent:
@@ -203,7 +220,7 @@ class RingBuffer:
                     s.urgent = True
                 # An idle worker is woken for urgent records, a ready batch, and the first
                 # record of an empty queue (whose due time may come before what it waits for).
-                if self.worker_idle and (
+                if self._worker_idle and (
                     urgent or len(queue) == 1 or len(queue) >= self.ready_lines
                     or s.bytes >= self.ready_bytes
                 ):
@@ -212,8 +229,8 @@ class RingBuffer:
                 self._busy = False
             if self._side and not self._folding:
                 self._fold()
-        if not self.worker_running:
-            self.start_worker()
+        if not self._worker_running:
+            self._start_worker()
         return seq
 
     def _fold(self) -> None:
@@ -225,7 +242,7 @@ class RingBuffer:
             while side:
                 stream, body, urgent = side.popleft()
                 if self.put(stream, body, urgent) == CLOSED:
-                    self.dropped["closed"] += 1  # its caller was told DEFERRED: count it here
+                    self._dropped["closed"] += 1  # its caller was told DEFERRED: count it here
         finally:
             self._folding = False
 
@@ -234,12 +251,12 @@ class RingBuffer:
             while s.queue and (len(s.queue) >= self.max_records or s.bytes + size > self.max_bytes):
                 s.bytes -= len(s.queue.popleft())
                 s.taken += 1
-                self.dropped["evicted"] += 1
+                self._dropped["evicted"] += 1
                 s.evicted += 1
                 _lose(s, s.taken, 1)
             if not s.in_flight:
                 s.settled = s.taken
-            self.progress.notify_all()
+            self._progress.notify_all()
             return True
         if self.on_full == "block":
             me = threading.get_ident()
@@ -250,11 +267,11 @@ class RingBuffer:
             try:
                 while len(s.queue) >= self.max_records or s.bytes + size > self.max_bytes:
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0 or self.closing:
+                    if remaining <= 0 or self._closing:
                         return False
                     self._busy = False  # waiting lets go of the lock: nothing is half done
                     try:
-                        self.clock.wait(self.progress, remaining)
+                        self.clock.wait(self._progress, remaining)
                     finally:
                         self._busy = True
             finally:
@@ -271,9 +288,9 @@ class RingBuffer:
         either stream (it serves one batch at a time): the records still wait for their
         retries, the caller does not."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        streams = self.streams
+        streams = self._streams
         me = threading.get_ident()
-        with self.lock:
+        with self._lock:
             if me in self._waiting:
                 # Code that interrupted this thread while it waits (a __del__ run by the
                 # garbage collector inside Condition.wait, say): waiting here would let go of
@@ -292,9 +309,9 @@ class RingBuffer:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         return False
-                    if outage or (self.backing_off and not through_outage):
+                    if outage or (self._backing_off and not through_outage):
                         return False
-                    self.clock.wait(self.progress, remaining)
+                    self.clock.wait(self._progress, remaining)
                 return True
             finally:
                 self._waiting.discard(me)
@@ -306,10 +323,10 @@ class RingBuffer:
         (did not time out): records failed or evicted since then, records
         refused since then, and records still pending.
         """
-        with self.lock:
+        with self._lock:
             targets, firsts, drops = {}, {}, {}
             pending = False
-            for s in self.streams.values():
+            for s in self._streams.values():
                 s.flush_target = max(s.flush_target, s.enqueued)
                 targets[s.name] = s.enqueued
                 firsts[s.name] = s.checked + 1
@@ -324,10 +341,10 @@ class RingBuffer:
 
         Call it once everything up to the checkpoint's targets has settled.
         """
-        with self.lock:
+        with self._lock:
             ok = True
             for name, last in checkpoint.targets.items():
-                s = self.streams[name]
+                s = self._streams[name]
                 first = checkpoint.firsts[name]
                 reported, refused = checkpoint.drops[name]
                 lost = refused > reported
@@ -341,7 +358,7 @@ class RingBuffer:
             return ok
 
     def _wake_worker(self, s: _Stream) -> None:
-        if s.queue and self.worker_idle:
+        if s.queue and self._worker_idle:
             self._wake()
 
     def _wake(self) -> None:
@@ -350,8 +367,8 @@ class RingBuffer:
         # notification would be lost. The flag then stays set, so the next record from any
         # other thread wakes it; the worker's record waits for that, a flush, or exit.
         if threading.get_ident() != self._worker_ident:
-            self.worker_idle = False
-            self.wake.notify()
+            self._worker_idle = False
+            self._wakeup.notify()
 
     # -- the worker's side -------------------------------------------------
     def take(self) -> Optional[Tuple[str, List[bytes], int]]:
@@ -359,7 +376,7 @@ class RingBuffer:
 
         Returns (stream, bodies, sequence number of the first body).
         """
-        with self.lock:
+        with self._lock:
             self._worker_ident = threading.get_ident()
             while True:
                 if self.stopped:
@@ -371,7 +388,7 @@ class RingBuffer:
                     if not s.queue:
                         continue
                     if (
-                        s.urgent or self.closing or s.flush_target > s.taken or now >= s.due
+                        s.urgent or self._closing or s.flush_target > s.taken or now >= s.due
                         or len(s.queue) >= self.ready_lines or s.bytes >= self.ready_bytes
                     ):
                         self._turn = turn[i + 1:] + turn[: i + 1]  # served: to the back
@@ -383,11 +400,11 @@ class RingBuffer:
                             if self._side:
                                 self._fold()
                     next_due = s.due if next_due is None else min(next_due, s.due)
-                if self.closing:
+                if self._closing:
                     return None
-                self.worker_idle = True
-                self.clock.wait(self.wake, None if next_due is None else next_due - now)
-                self.worker_idle = False
+                self._worker_idle = True
+                self.clock.wait(self._wakeup, None if next_due is None else next_due - now)
+                self._worker_idle = False
 
     def _take_batch(self, s: _Stream) -> Tuple[str, List[bytes], int]:
         queue = s.queue
@@ -412,28 +429,28 @@ class RingBuffer:
         s.in_flight = True
         if not queue:
             s.urgent = False  # what is left of a partial take keeps its due time
-        self.progress.notify_all()  # room for callers blocked on a full buffer
+        self._progress.notify_all()  # room for callers blocked on a full buffer
         return s.name, batch, first
 
     def settle(self, stream: str, first: int, delivered: int, failed: int) -> None:
         """Record the fate of the batch taken last from ``stream``."""
-        with self.lock:
-            s = self.streams[stream]
+        with self._lock:
+            s = self._streams[stream]
             s.in_flight = False
             s.settled = s.taken
-            counts = self.counts
+            counts = self._counts
             counts["delivered"] += delivered
             counts["failed"] += failed
             counts["batches"] += 1
             if failed:
                 s.failed += failed
                 _lose(s, first, s.taken - first + 1)
-            self.progress.notify_all()
+            self._progress.notify_all()
 
     def _hurry(self) -> None:
         """A flush or close wants everything out now: end a retry backoff at once."""
         self.hurry += 1
-        self.wake.notify_all()
+        self._wakeup.notify_all()
 
     def report_attempt(self, stream: str, delivered: bool) -> None:
         """The worker's word after each attempt on ``stream``: did it deliver anything?
@@ -441,9 +458,9 @@ class RingBuffer:
         A stream whose last attempt delivered nothing is in an *outage*:
         synchronous callers stop waiting for its records (see :meth:`wait_settled`).
         """
-        s = self.streams[stream]
+        s = self._streams[stream]
         if s.outage == delivered:
-            with self.lock:
+            with self._lock:
                 s.outage = not delivered
                 s.outage_after = s.taken  # records up to here were in or before that attempt
 
@@ -454,61 +471,74 @@ class RingBuffer:
         it lasts. Returns early, and True, when a flush or close came after
         :attr:`hurry` read ``hurry``; early, and False, when the client stops.
         """
-        with self.lock:
+        with self._lock:
             if self.stopped:
                 return False
-            self.counts["retried"] += records
+            self._counts["retried"] += records
             deadline = self.clock.monotonic() + seconds
-            self.backing_off = True
-            self.progress.notify_all()  # synchronous callers stop waiting
+            self._backing_off = True
+            self._progress.notify_all()  # synchronous callers stop waiting
             try:
                 while not self.stopped:
                     remaining = deadline - self.clock.monotonic()
                     if remaining <= 0 or self.hurry != hurry:
                         return True
-                    self.clock.wait(self.wake, remaining)
+                    self.clock.wait(self._wakeup, remaining)
                 return False
             finally:
-                self.backing_off = False
+                self._backing_off = False
 
     # -- lifecycle -----------------------------------------------------------
     def close(self) -> None:
         """Refuse new records and let the worker drain what is left."""
-        with self.lock:
-            self.closing = True
+        with self._lock:
+            self._closing = True
             self._hurry()
-            self.progress.notify_all()
+            self._progress.notify_all()
 
     def stop(self) -> None:
         """Tell the worker to return now (what is left stays pending)."""
-        with self.lock:
-            self.closing = True
+        with self._lock:
+            self._closing = True
             self.stopped = True
-            self.wake.notify_all()
-            self.progress.notify_all()
+            self._wakeup.notify_all()
+            self._progress.notify_all()
+
+    def failed(self, stream: str) -> int:
+        """Records of ``stream`` the worker gave up on (read without the lock: for a log)."""
+        return self._streams[stream].failed
+
+    def unsettled(self) -> Dict[str, int]:
+        """Per stream, records accepted and not yet settled, read without the lock (which
+        a thread cut short by the exit may hold)."""
+        return {name: s.enqueued - s.settled for name, s in list(self._streams.items())}
+
+    def queued(self) -> int:
+        """Records waiting in the queues, not taken by the worker (read without the lock)."""
+        return sum(len(s.queue) for s in list(self._streams.values()))
 
     def undelivered(self) -> Dict[str, int]:
         """Per stream, the records that did not reach the sink: failed, dropped or pending."""
-        with self.lock:
+        with self._lock:
             return {
                 s.name: s.failed + s.drops + s.evicted + s.enqueued - s.settled
-                for s in self.streams.values()
+                for s in self._streams.values()
             }
 
     def snapshot(self) -> Dict[str, object]:
-        with self.lock:
-            enqueued = sum(s.enqueued for s in self.streams.values())
+        with self._lock:
+            enqueued = sum(s.enqueued for s in self._streams.values())
             settled_or_evicted = (
-                self.counts.get("delivered", 0) + self.counts.get("failed", 0)
-                + self.dropped.get("evicted", 0)
+                self._counts.get("delivered", 0) + self._counts.get("failed", 0)
+                + self._dropped.get("evicted", 0)
             )
             return {
                 "enqueued": enqueued,
-                "delivered": self.counts.get("delivered", 0),
+                "delivered": self._counts.get("delivered", 0),
                 "pending": enqueued - settled_or_evicted,
-                "dropped": {reason: n for reason, n in self.dropped.items() if n},
-                "failed": self.counts.get("failed", 0),
-                "retried": self.counts.get("retried", 0),
-                "batches": self.counts.get("batches", 0),
-                "buffered_bytes": sum(s.bytes for s in self.streams.values()),
+                "dropped": {reason: n for reason, n in self._dropped.items() if n},
+                "failed": self._counts.get("failed", 0),
+                "retried": self._counts.get("retried", 0),
+                "batches": self._counts.get("batches", 0),
+                "buffered_bytes": sum(s.bytes for s in self._streams.values()),
             }

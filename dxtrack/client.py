@@ -6,9 +6,9 @@ import itertools
 import os
 import sys
 import threading
-import weakref
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
+from . import forks, inherit
 from ._logging import RateLimitedLog
 from ._version import __version__
 from .buffer import CLOSED, DROPPED
@@ -18,15 +18,8 @@ from .env import unknown_variables, variable_for
 from .exceptions import ConfigurationError
 from .hooks import UnhandledCapture
 from .pipeline import Pipeline
-from .processes import (
-    export_settings,
-    hold_signals,
-    inherited_settings,
-    release_signals,
-    reserve_settings_path,
-    withdraw_settings,
-)
 from .records import ERROR, METRIC, RecordBuilder
+from .signals import hold_signals, release_signals
 from .sinks import sink_for
 from .timer import Timer
 from .worker import RetryPolicy
@@ -34,18 +27,6 @@ from .worker import RetryPolicy
 __all__ = ["DXTrack"]
 
 _State = Tuple[RecordBuilder, Pipeline]
-
-_clients: weakref.WeakSet[DXTrack] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for client in list(_clients):
-        client._lock = threading.RLock()  # the parent's may have been held at fork time
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
 
 class DXTrack:
     """A dxtrack client. ``from dxtrack import dxtrack`` gives a ready-made one.
@@ -57,10 +38,9 @@ class DXTrack:
         pass a :class:`dxtrack.testing.ManualClock`.
     :param retry: how the worker backs off between attempts (tests make it quick).
     :param inherit: share settings with child processes: ``configure()``
-        publishes its non-secret settings in a private file named in the
-        environment (never a secret), and an
-        unconfigured client in a ``multiprocessing`` child adopts them on first
-        use (see :mod:`dxtrack.processes`). The ready-made ``dxtrack`` has it on.
+        hands its non-secret settings to the ``multiprocessing`` children started
+        from then on, and an unconfigured client in such a child adopts them on
+        first use (see :mod:`dxtrack.inherit`). The ready-made ``dxtrack`` has it on.
 
     The integrations (:mod:`dxtrack.hooks`, :mod:`dxtrack.handler`,
     :mod:`dxtrack.timer`) use two members that are not for applications:
@@ -74,9 +54,7 @@ class DXTrack:
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._retry = retry if retry is not None else RetryPolicy()
         self._inherit = inherit
-        self._adopted_in: Optional[int] = None
-        if inherit:
-            reserve_settings_path()
+        self._adopted = False  # looked for a parent's settings in this process
         self._lock = threading.RLock()
         # (builder, pipeline) swapped as one value, so a caller never sees half of a reconfigure.
         self._state: Optional[_State] = None
@@ -93,7 +71,13 @@ class DXTrack:
         self._error_failures = 0
         self._log = RateLimitedLog()
         self._capture = UnhandledCapture(self)
-        _clients.add(self)
+        forks.register(self)
+
+    def after_fork_in_child(self) -> None:
+        """The parent's lock may have been held at fork time (see :mod:`dxtrack.forks`)."""
+        self._lock = threading.RLock()
+        self._adopted = False
+        self._log.after_fork_in_child()
 
     # -- configuration ---------------------------------------------------------
     def configure(  # every option of Config, in its order, by keyword; None: not given
@@ -157,13 +141,7 @@ class DXTrack:
             else:
                 self._capture.uninstall()
             if publish:
-                try:
-                    export_settings(config)
-                except OSError as exc:
-                    self._log.warning(
-                        "publish-failed",
-                        "dxtrack could not share its settings with child processes: %s", exc,
-                    )
+                inherit.publish(config)
         if old is not None:
             old[1].close()
         return config
@@ -370,7 +348,7 @@ class DXTrack:
         refusals, then wait for the last one if ``wait`` and the mode say so.
 
         ``bodies`` may be a function building them (errors): it runs with SIGINT and
-        SIGTERM held (:func:`~dxtrack.processes.hold_signals`) until the records are
+        SIGTERM held (:func:`~dxtrack.signals.hold_signals`) until the records are
         queued, never while waiting. ``seqs``: what ``put`` returned already
         (metric()'s inline put). DROPPED: counted by the buffer, warned here. CLOSED
         (a concurrent ``configure()`` or ``close()``): handed once to the pipeline in
@@ -420,10 +398,10 @@ class DXTrack:
 
     def _unconfigured(self, stream: str, count: int = 1) -> Optional[_State]:
         """The state to use when none is set: adopted from a parent process, or None."""
-        if self._inherit and not self._closed and self._adopted_in != os.getpid():
+        if self._inherit and not self._closed and not self._adopted:
             with self._lock:
-                if self._state is None and self._adopted_in != os.getpid():
-                    self._adopted_in = os.getpid()
+                if self._state is None and not self._adopted:
+                    self._adopted = True
                     self._adopt_parent_settings()
             state = self._state
             if state is not None:
@@ -433,7 +411,7 @@ class DXTrack:
         return None
 
     def _adopt_parent_settings(self) -> None:
-        settings = inherited_settings()
+        settings = inherit.inherited()
         if settings is None:
             return
         explicit = settings.pop("explicit_credentials", False)
@@ -447,7 +425,7 @@ class DXTrack:
             )
             return
         try:
-            # Not published again: this process's children follow the same parent's file.
+            # Not published again: this process's children inherit the same settings.
             self._use(settings_from_kwargs(settings), publish=False)
         except Exception as exc:
             self._log.warning(
@@ -507,7 +485,7 @@ class DXTrack:
             pipeline = self._closed_pipeline
             self._capture.uninstall()
             if self._inherit:
-                withdraw_settings()
+                inherit.withdraw()
         if pipeline is None:  # never configured
             return True
         return pipeline.close(timeout)  # the pipeline keeps its first verdict

@@ -71,9 +71,6 @@ ENV_OPTIONS: Dict[str, Callable[[str], Any]] = {
     f.name: _PARSERS.get(str(f.type), str) for f in fields(Config) if OPTIONS[f.name].env
 }
 
-#: Variables dxtrack sets or reads for its own purposes, not options.
-_INTERNAL = frozenset({"DXTRACK_INHERITED_SETTINGS"})
-
 
 def variable_for(option: str) -> str:
     """The environment variable that holds a default for ``option``."""
@@ -112,5 +109,5 @@ def environment_defaults(
 def unknown_variables(environ: Optional[Mapping[str, str]] = None) -> Set[str]:
     """``DXTRACK_*`` variables that name no option (a typo, most likely)."""
     environ = os.environ if environ is None else environ
-    known = {variable_for(option) for option in ENV_OPTIONS} | _INTERNAL
+    known = {variable_for(option) for option in ENV_OPTIONS}
     return {name for name in environ if name.startswith(ENV_PREFIX) and name not in known}

@@ -2,48 +2,44 @@
 
 The pipeline decides how long a caller waits (the delivery modes), starts the
 worker on the first record and again if it ever dies, implements flush and
-close with honest deadlines, survives ``fork()``, and flushes at exit. With
+close with honest deadlines, and resets itself in a forked child
+(:mod:`dxtrack.forks`); :mod:`dxtrack.exits` closes it when the process ends. With
 ``papertrail_hostport``, a route of its own (:class:`_Copies`) carries a
 best-effort copy of each record.
 """
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
-import os
 import threading
 import time
-import weakref
-from typing import Callable, Dict, List, Optional, Sequence, cast, overload
+from typing import Callable, Dict, Optional, cast, overload
 
+from . import exits, forks
 from ._logging import RateLimitedLog, logger
-from .buffer import CLOSED, DROPPED, RingBuffer
+from .buffer import CLOSED, DROPPED, StreamBuffer
 from .clock import Clock
 from .config import Config
-from .processes import (
-    block_signals_in_this_thread,
-    mark_exiting,
-    prepare_process,
-    release_sigterm,
-)
 from .records import ERROR, METRIC
+from .signals import block_signals_in_this_thread
 from .sinks.base import Sink
 from .sinks.papertrail import PapertrailSink
 from .worker import DEFAULT_RETRY, RetryPolicy, Worker, in_delivery_thread, quantity
 
 __all__ = ["Pipeline"]
 
-_live: weakref.WeakSet[Pipeline] = weakref.WeakSet()
-_live_lock = threading.Lock()
 _MAX_COPIES = 10_000  # Papertrail copies waiting at most; more are dropped
 
 
 class Pipeline:
-    """Moves the records of one configuration to one sink."""
+    """Moves the records of one configuration to one sink.
+
+    ``tracked=False``: a route run by another pipeline (the Papertrail copies),
+    which closes it and resets it after a fork; the process's exit does not.
+    """
 
     def __init__(self, config: Config, sink: Sink, clock: Clock, log: RateLimitedLog,
-                 retry: RetryPolicy = DEFAULT_RETRY) -> None:
+                 retry: RetryPolicy = DEFAULT_RETRY, *, tracked: bool = True) -> None:
         self.config = config
         self.retry = retry
         self.sink = sink
@@ -53,7 +49,7 @@ class Pipeline:
         self.metric_urgent = not config.buffer_metrics
         self.metric_waits = self.metric_urgent and not config.use_async_requests
         self.error_waits = not config.use_async_requests
-        self.buffer = RingBuffer(
+        self.buffer = StreamBuffer(
             max_records=config.max_buffer_records,
             max_bytes=config.max_buffer_bytes,
             on_full=config.on_full,
@@ -62,8 +58,8 @@ class Pipeline:
             batch_lines=sink.max_batch_lines,
             batch_bytes=sink.max_batch_bytes,
             clock=clock,
+            start_worker=self._start_worker,
         )
-        self.buffer.start_worker = self._start_worker
         #: The caller's entry point: ``put(stream, body, urgent) -> sequence number``.
         self.put: Callable[[str, bytes, bool], int] = self.buffer.put
         #: A best-effort syslog copy of every record, when ``papertrail_hostport`` is set.
@@ -77,12 +73,11 @@ class Pipeline:
         self._closed_ok: Optional[bool] = None
         self._close_lock = threading.Lock()
         self._closing: Optional[threading.Event] = None  # the close under way; set when done
-        with _live_lock:
-            _live.add(self)
-        self._prepare_process()
-
-    def _prepare_process(self) -> None:
-        prepare_process(_close_all_at_exit, _exit_grace, self.config.handle_sigterm, _unsent)
+        self._tracked = tracked
+        if tracked:
+            forks.register(self)
+            exits.track(self)
+            exits.prepare(config.handle_sigterm)
 
     # -- the caller's path ---------------------------------------------------
     def wait_for(self, stream: str, seq: int) -> bool:
@@ -98,20 +93,6 @@ class Pipeline:
             {stream: seq}, self.config.sync_timeout, through_outage=False
         )
 
-    def put_errors(self, bodies: Sequence[bytes], wait: bool = True) -> List[int]:
-        """Queue error bodies together, then wait once if the mode (and ``wait``) says so.
-
-        Returns what ``put`` returned for each body.
-        """
-        put = self.put
-        # Only the last one wakes the worker, so they go out in one batch.
-        results = [put(ERROR, body, False) for body in bodies[:-1]]
-        results.extend(put(ERROR, body, True) for body in bodies[-1:])
-        last = max(results, default=0)
-        if last > 0 and wait and self.error_waits:
-            self.wait_for(ERROR, last)
-        return results
-
     def _start_worker(self) -> bool:
         with self._start_lock:
             buffer = self.buffer
@@ -126,31 +107,26 @@ class Pipeline:
             thread = threading.Thread(
                 target=self._run_worker, args=(worker,), name="dxtrack-worker", daemon=True
             )
-            # Set before start(): a worker that dies at once must be able to clear the flag,
+            # Said before start(): a worker that dies at once must be able to say it ended,
             # and one that calls back into dxtrack at once must be recognised.
-            buffer.worker_running = True
+            buffer.worker_started()
             self.worker_thread = thread
             try:
                 thread.start()
             except RuntimeError:  # interpreter shutting down: no new threads
-                buffer.worker_running = False
+                buffer.worker_ended()
                 self.worker_thread = None
                 return False
-        self._prepare_process()
+        if self._tracked:
+            exits.prepare(self.config.handle_sigterm)
         return True
 
     def _run_worker(self, worker: Worker) -> None:
-        buffer = self.buffer
         try:
             block_signals_in_this_thread()
             worker.run()
         finally:
-            buffer.worker_running = False
-            # A caller that queued a record while this worker was dying saw it still running
-            # and started none: if records are waiting and the client is open, start one now.
-            with buffer.lock:
-                orphaned = not buffer.closing and any(s.queue for s in buffer.streams.values())
-            if orphaned:
+            if self.buffer.worker_ended():  # records were left waiting: a new worker
                 self._start_worker()
 
     # -- checkpoints -----------------------------------------------------------
@@ -232,11 +208,8 @@ class Pipeline:
                 quantity(lost[ERROR], ERROR), f"{s['pending']:,}", f"{s['failed']:,}",
                 f"{sum(dropped.values()):,}", self.sink,
             )
-        with _live_lock:
-            _live.discard(self)
-            last = not _live
-        if last:
-            release_sigterm()
+        if self._tracked:
+            exits.untrack(self)
         return ok
 
     def _close_sink(self) -> None:
@@ -276,7 +249,6 @@ class Pipeline:
         self._start_lock = threading.Lock()
         self._close_lock = threading.Lock()
         self._closing = None
-        self.log.after_fork_in_child()
         self.sink.after_fork()
         if self.copies is not None:
             self.copies.after_fork_in_child()
@@ -294,9 +266,7 @@ class _Copies:
         self.route = Pipeline(dataclasses.replace(
             config, papertrail_hostport=None, max_buffer_records=_MAX_COPIES,
             on_full="drop_newest", block_timeout=0.0, retry_deadline=0.0,
-        ), sink, clock, log)
-        with _live_lock:  # closed by its parent, never on its own; not records to report
-            _live.discard(self.route)
+        ), sink, clock, log, tracked=False)
         self.parent_put, self.log = put, log
         self.refused = self.left = 0
 
@@ -317,7 +287,7 @@ class _Copies:
 
     def close(self, timeout: float) -> None:
         self.route.close(timeout)  # then stopped: what is queued stays there
-        self.left = sum(len(s.queue) for s in self.route.buffer.streams.values())
+        self.left = self.route.buffer.queued()
 
     def stats(self) -> Dict[str, int]:
         s = self.route.stats()
@@ -337,47 +307,3 @@ def _left(timeout: None, started: float) -> None: ...
 def _left(timeout: Optional[float], started: float) -> Optional[float]:
     """What is left of ``timeout`` seconds since ``started`` (None: no bound)."""
     return None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
-
-
-def _after_fork_in_child() -> None:
-    # No logging here: the logging lock may have been held at fork time.
-    global _live_lock
-    _live_lock = threading.Lock()
-    for pipeline in list(_live):
-        pipeline.after_fork_in_child()
-
-
-def _exit_grace() -> float:
-    """One grace after a SIGTERM: the longest shutdown_timeout, plus one second. The main
-    thread gets one to unwind, the flush one more (see processes._UnwindOnSigterm)."""
-    pipelines = list(_live)
-    return max((p.config.shutdown_timeout for p in pipelines), default=0.0) + 1.0
-
-
-def _unsent() -> str:
-    """What every live pipeline still holds, read without its lock (which may be held)."""
-    counts = {METRIC: 0, ERROR: 0}
-    for pipeline in list(_live):
-        for name, stream in list(pipeline.buffer.streams.items()):
-            counts[name] += stream.enqueued - stream.settled
-    return (f"{quantity(counts[METRIC], METRIC)} and {quantity(counts[ERROR], ERROR)} "
-            "were not delivered")
-
-
-def _close_all_at_exit() -> None:
-    pipelines = list(_live)
-    if not pipelines:
-        return
-    mark_exiting()
-    deadline = time.monotonic() + max(p.config.shutdown_timeout for p in pipelines)
-    for pipeline in pipelines:
-        remaining = min(pipeline.config.shutdown_timeout, deadline - time.monotonic())
-        try:
-            pipeline.close(max(0.0, remaining))
-        except Exception:  # pragma: no cover - never let exit fail because of telemetry
-            pass
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-atexit.register(_close_all_at_exit)

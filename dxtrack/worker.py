@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence
 
 from ._logging import RateLimitedLog
-from .buffer import RingBuffer
-from .processes import block_signals_in_this_thread
+from .buffer import StreamBuffer
 from .records import ERROR, finalize
+from .signals import block_signals_in_this_thread
 from .sinks.base import SendResult, Sink
 
 __all__ = ["DEFAULT_RETRY", "RetryPolicy", "Worker", "in_delivery_thread", "quantity"]
@@ -74,7 +74,7 @@ class Worker:
 
     def __init__(
         self,
-        buffer: RingBuffer,
+        buffer: StreamBuffer,
         sink: Sink,
         *,
         retry_deadline: float,
@@ -154,7 +154,7 @@ class Worker:
         (read without its lock: a log line) and the ``in_batch`` of the batch at hand."""
         if self.sink.best_effort:
             return  # such a sink logs its own failures, and they are not lost records
-        total = self.buffer.streams[stream].failed + in_batch
+        total = self.buffer.failed(stream) + in_batch
         self.log.error(
             f"lost:{stream}", "dxtrack could not deliver %s (%s in all so far): %s",
             quantity(count, stream), f"{total:,}", why,

@@ -13,7 +13,6 @@ import pytest
 
 from dxtrack import DXTrack
 from dxtrack.demo import create_landing
-from dxtrack.processes import INHERIT_ENV
 
 REGION = "eu-west-1"
 BUCKET = "dxtrack-landing"
@@ -32,8 +31,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def _no_real_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     """No test may find real credentials or configuration on the machine."""
     for name in list(os.environ):
-        # dxtrack's own pointer for child processes stays: it is set at import, once.
-        if name.startswith(("AWS_", "DXTRACK_")) and name != INHERIT_ENV:
+        if name.startswith(("AWS_", "DXTRACK_")):
             monkeypatch.delenv(name)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Tuple
 
+import orjson
+
 from dxtrack import dxtrack
 
 
@@ -44,6 +46,13 @@ def configured_run_id() -> Any:
     """Record one metric (adopting the parent's settings if needed); return the run_id in use."""
     dxtrack.metric("mp.probe", 1)
     return dxtrack.config.run_id if dxtrack.config else None
+
+
+def inherited_settings() -> bytes:
+    """What this child inherited from its parent, as JSON (``null``: nothing)."""
+    from dxtrack import inherit
+
+    return orjson.dumps(inherit.inherited())
 
 
 def emit_then_block(lock: Any, ready: Any, metrics: int) -> None:
@@ -182,12 +191,12 @@ def hear_a_grandchilds_sigterm(metrics: int) -> None:
     import signal
     import time
 
-    from dxtrack import processes
+    from dxtrack import signals
 
     for i in range(metrics):
         dxtrack.metric("mp.before", i)
-    assert processes._wakeup is not None, "no watcher in this child"
-    writer = os.dup(processes._wakeup[1])
+    assert signals._wakeup is not None, "no watcher in this child"
+    writer = os.dup(signals._wakeup[1])
     pid = os.fork()
     if pid == 0:
         os.write(writer, bytes([signal.SIGTERM]))

@@ -17,7 +17,7 @@ from sinks_for_tests import CrashingSink, FlakySink, GateSink, RaisingSink
 
 from dxtrack import DXTrack, RetryPolicy
 from dxtrack._logging import RateLimitedLog
-from dxtrack.buffer import RingBuffer
+from dxtrack.buffer import StreamBuffer
 from dxtrack.clock import SystemClock
 from dxtrack.records import RecordBuilder
 from dxtrack.testing import ManualClock, MemorySink
@@ -528,9 +528,11 @@ class TestRetries:
         assert client.stats()["failed"] == 1
 
     def test_stop_ends_a_long_backoff(self):
-        buffer = RingBuffer(
+        started = threading.Event()
+        buffer = StreamBuffer(
             max_records=10, max_bytes=1_024_000, on_full="drop_newest", block_timeout=0,
             flush_interval=1.0, batch_lines=10, batch_bytes=1_000_000, clock=SystemClock(),
+            start_worker=started.set,
         )
         sink = RaisingSink()
         worker = Worker(
@@ -538,8 +540,9 @@ class TestRetries:
             retry=RetryPolicy(backoff_base=300, backoff_cap=300),
         )
         thread = threading.Thread(target=worker.run, daemon=True)
-        buffer.start_worker = thread.start
+        thread.start()
         buffer.put("metric", b'{"value":1.0}', True)
+        assert started.is_set(), "a buffer with no worker asks its pipeline for one"
         assert sink.entered.wait(10)
         buffer.stop()
         thread.join(5)

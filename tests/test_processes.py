@@ -10,6 +10,9 @@ import concurrent.futures
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List
@@ -19,7 +22,6 @@ import orjson
 import pytest
 
 from dxtrack import dxtrack
-from dxtrack.processes import INHERIT_ENV
 
 START_METHODS = ["fork", "spawn", "forkserver"]
 MODES: Dict[str, Dict[str, Any]] = {
@@ -369,22 +371,28 @@ class TestForkKeepsParentAndChildApart:
 class TestSpawnedChildrenInheritSettings:
     """spawn and forkserver children find dxtrack configured, without secrets."""
 
-    def test_settings_published_without_secrets(self, landing: Any) -> None:
+    @pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+    def test_settings_reach_children_without_secrets(self, landing: Any, start_method: str) -> None:
+        ctx = multiprocessing.get_context(start_method)
+        before = dict(os.environ)
         dxtrack.configure(context="pool-tests", run_id="run-1", **landing.client_options())
         try:
-            path = os.environ[INHERIT_ENV]
-            with open(path, "rb") as published:
-                text = published.read()
+            assert dict(os.environ) == before, "settings travel with the process, not the env"
+            with ctx.Pool(1) as pool:
+                text = pool.apply(mp_jobs.inherited_settings)
             published = orjson.loads(text)
             assert published["endpoint_url"] == landing.url
+            assert published["run_id"] == "run-1"
             assert published["explicit_credentials"] is True
-            assert b"testing" not in text
+            assert b"testing" not in text  # the moto credentials' value
             for secret in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token"):
                 assert secret not in published
-            assert os.stat(path).st_mode & 0o077 == 0, "readable by other users"
         finally:
             dxtrack.close(timeout=10)
-        assert not os.path.exists(path), "children started after close() must not configure"
+        with ctx.Pool(1) as pool:
+            assert pool.apply(mp_jobs.inherited_settings) == b"null", (
+                "children started after close() must not configure"
+            )
 
     def test_forkserver_children_see_the_latest_configure(self, tmp_path: Any) -> None:
         """The forkserver keeps the environment it started with; settings still follow."""
@@ -454,3 +462,41 @@ class TestIndependentClientsInChildren:
         names = [orjson.loads(line)["metric_name"]
                  for line in (tmp_path / "metric.jsonl").read_bytes().splitlines()]
         assert sorted(names) == ["child.rows"] + ["parent.rows"] * 10
+
+
+class TestNothingLeftBehind:
+    """Importing dxtrack changes nothing; a configured process killed hard leaves nothing."""
+
+    def test_import_leaves_the_environment_alone(self) -> None:
+        code = ("import os; before = dict(os.environ); import dxtrack; "
+                "assert dict(os.environ) == before, sorted(set(os.environ) ^ set(before))")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+
+    def test_kill_9_leaves_no_file(self, tmp_path: Any) -> None:
+        temp = tmp_path / "tmp"
+        temp.mkdir()
+        job = tmp_path / "job.py"
+        job.write_text(textwrap.dedent("""
+            import multiprocessing, sys, time
+            from dxtrack import dxtrack
+            if __name__ == "__main__":
+                dxtrack.configure(stage="test", context="killed", run_id="r1",
+                                  output_dir=sys.argv[1], buffer_metrics=True)
+                dxtrack.metric("rows", 1)
+                with multiprocessing.get_context("spawn").Pool(1) as pool:
+                    pool.apply(len, ("ready",))
+                    print("configured", flush=True)
+                    time.sleep(60)
+        """))
+        env = {**os.environ, "TMPDIR": str(temp)}
+        child = subprocess.Popen([sys.executable, str(job), str(tmp_path / "out")], env=env,
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout is not None and child.stdout.readline() == "configured\n"
+        finally:
+            child.kill()
+            child.wait(30)
+        leftovers = [path.name for path in temp.iterdir()]
+        assert not [name for name in leftovers if "dxtrack" in name], leftovers

@@ -22,12 +22,12 @@ from typing import Any, Callable, Iterator, List, Optional, Set, Tuple
 import pytest
 
 from dxtrack import DXTrack, MemorySink
-from dxtrack.buffer import RingBuffer
+from dxtrack.buffer import StreamBuffer
 from dxtrack.clock import SystemClock
 
 
 def _code(*names: str) -> Set[types.CodeType]:
-    return {getattr(RingBuffer, name).__code__ for name in names if hasattr(RingBuffer, name)}
+    return {getattr(StreamBuffer, name).__code__ for name in names if hasattr(StreamBuffer, name)}
 
 
 #: The buffer's code that runs while its lock is held, on the caller's side and the worker's.

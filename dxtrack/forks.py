@@ -1,0 +1,47 @@
+"""``os.fork()``: the one place where dxtrack's state is made fit for a forked child.
+
+A child starts with one thread and copies of every lock, queue and connection,
+some of them taken by threads that no longer exist. One set of fork hooks, in
+this module, sets things right in a fixed order: first the signal state
+(:mod:`dxtrack.signals`), then the exit hooks (:mod:`dxtrack.exits`), then
+every registered object in the order it was created, so a client comes
+before its pipelines. The hooks log nothing: the logging lock may have been
+held by another thread at fork time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import weakref
+from typing import Any
+
+from . import exits, signals
+
+__all__ = ["register"]
+
+# Objects with an after_fork_in_child() method, by creation number; dead ones drop out.
+_registered: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+_numbers = itertools.count()
+
+
+def register(obj: Any) -> None:
+    """Call ``obj.after_fork_in_child()`` in every forked child while ``obj`` lives."""
+    _registered[next(_numbers)] = obj
+
+
+def _after_fork_in_child() -> None:
+    signals.after_fork_in_child()
+    exits.after_fork_in_child()
+    for number in sorted(_registered.keys()):
+        obj = _registered.get(number)
+        if obj is not None:
+            obj.after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=signals.before_fork,
+        after_in_parent=signals.after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
