@@ -1,32 +1,19 @@
 """The buffer between callers and the worker: bounded, thread-safe, numbered queues.
 
-:class:`StreamBuffer` holds serialized record bodies per stream, and all the
-state callers and the worker share; only its own methods change it. Every
-record accepted gets a sequence number in its stream; the worker takes
-records from the head in order and *settles* them (delivered or failed) in
-the same order, so "everything up to sequence N is settled" is one integer
-per stream. Flushes and synchronous callers wait on that integer.
+:class:`StreamBuffer` owns the record bodies per stream and all state callers and
+the worker share. Each accepted record gets a sequence number in its stream and is
+settled (delivered or failed) in order, so "settled up to N" is one integer per
+stream: flushes and synchronous callers wait on it. The worker serves the streams
+in turn, so a busy metric stream never starves errors. The injected clock rules the
+pipeline's timing; how long a *caller* is held is real time (``time.monotonic()``).
 
-A batch goes out when a caller marks its stream urgent, when it is full (a
-sink batch, or half the buffer when the buffer is the smaller), when the
-buffer overflows, at ``flush_interval``, on flush and on close. The worker
-serves the streams in turn, so a busy metric stream never starves errors.
-
-Two kinds of time: the injected clock rules the pipeline's own timing (the
-flush interval, and in the worker backoff and ``retry_deadline``); how long
-a *caller* is held (``block_timeout``, ``sync_timeout``, a flush's timeout)
-is real time, ``time.monotonic()``, whatever the clock.
-
-One lock guards everything here. Callers hold it for an append; the worker
-holds it to take a batch and to settle one, never while sending. It is taken
-only with ``with`` (an exception such as ``KeyboardInterrupt`` cannot land
-between taking it and the block that releases it), and it is reentrant,
-because a thread holding it can be interrupted by code that records: a
-signal handler, a ``__del__`` or a weakref callback run by the garbage
-collector. Such a call finds ``_busy`` set (the interrupted code is half way
-through a change) and leaves its record in a side queue, as
-``queue.SimpleQueue.put`` would, which the interrupted code folds in before
-it lets go of the lock. It never waits for delivery (:data:`DEFERRED`).
+One lock guards everything (the worker never holds it while sending), taken only with
+``with`` (a ``KeyboardInterrupt`` cannot land between taking it and the block that
+releases it). It is reentrant because a thread holding it can be interrupted by code
+that records: a signal handler, or a ``__del__`` or weakref callback run by the garbage
+collector. Such a call finds ``_busy`` set (a change is half done) and leaves its record
+in a side queue, as ``queue.SimpleQueue.put`` would; the interrupted code folds it in
+before it lets go of the lock. It never waits for delivery (:data:`DEFERRED`).
 """
 
 from __future__ import annotations
@@ -54,11 +41,9 @@ _INTERVAL_JITTER = 0.1
 
 
 class _Stream:
-    __slots__ = (
-        "name", "queue", "bytes", "enqueued", "taken", "settled", "in_flight",
-        "urgent", "due", "flush_target", "losses", "forgotten", "drops", "checked",
-        "checked_drops", "outage", "outage_after", "failed", "evicted",
-    )
+    __slots__ = ("name", "queue", "bytes", "enqueued", "taken", "settled", "in_flight", "urgent",
+                 "due", "flush_target", "losses", "forgotten", "drops", "checked", "checked_drops",
+                 "outage", "outage_after", "failed", "evicted")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -77,8 +62,7 @@ class _Stream:
         self.forgotten = 0
         self.drops = 0          # records refused by put(): they never got a number
         # What the last completed flush reported on: later flushes judge only what came after.
-        self.checked = 0
-        self.checked_drops = 0
+        self.checked = self.checked_drops = 0
         self.outage = False     # the last attempt delivered nothing (see report_attempt)
         self.outage_after = 0   # ... and it had records up to this one
         self.failed = 0         # records the worker gave up on
@@ -111,26 +95,12 @@ def _lose(s: _Stream, seq: int, count: int) -> None:
 class StreamBuffer:
     """Per-stream queues bounded by ``max_records`` and ``max_bytes``."""
 
-    def __init__(
-        self,
-        *,
-        max_records: int,
-        max_bytes: int,
-        on_full: str,
-        block_timeout: float,
-        flush_interval: float,
-        batch_lines: int,
-        batch_bytes: int,
-        clock: Clock,
-        start_worker: Callable[[], object] = lambda: None,
-    ) -> None:
-        self.max_records = max_records
-        self.max_bytes = max_bytes
-        self.on_full = on_full
-        self.block_timeout = block_timeout
-        self.flush_interval = flush_interval
-        self.batch_lines = batch_lines
-        self.batch_bytes = batch_bytes
+    def __init__(self, *, max_records: int, max_bytes: int, on_full: str, block_timeout: float,
+                 flush_interval: float, batch_lines: int, batch_bytes: int, clock: Clock,
+                 start_worker: Callable[[], object] = lambda: None) -> None:
+        self.max_records, self.max_bytes, self.on_full = max_records, max_bytes, on_full
+        self.block_timeout, self.flush_interval = block_timeout, flush_interval
+        self.batch_lines, self.batch_bytes = batch_lines, batch_bytes
         # A queue this long is sent without waiting for the interval: a full sink batch, or
         # half the buffer when the buffer is smaller, so a healthy sink empties it in time.
         self.ready_lines = min(batch_lines, max(1, max_records // 2))
@@ -151,22 +121,18 @@ class StreamBuffer:
         self._side: Deque[Tuple[str, bytes, bool]] = collections.deque()  # see the docstring
         self._streams: Dict[str, _Stream] = {METRIC: _Stream(METRIC), ERROR: _Stream(ERROR)}
         self._turn: List[_Stream] = list(self._streams.values())  # who the worker serves first
-        self._worker_running = False
-        self._worker_idle = False
+        self._worker_running = self._worker_idle = False
         self._worker_ident: Optional[int] = None  # the thread that takes batches
         self._closing = False   # no new records; the worker drains everything left
         self.stopped = False   # the worker must return as soon as it can
         self.hurry = 0         # bumped by each flush and close: a retry backoff ends at once
         self._backing_off = False  # the worker waits to retry a batch: nothing else moves
-        self._counts: Dict[str, int] = collections.defaultdict(int)
+        self._counts = {"delivered": 0, "failed": 0, "retried": 0, "batches": 0}
         # Every key there from the start: a re-entrant put never grows it while it is read.
-        self._dropped: Dict[str, int] = collections.defaultdict(
-            int, buffer_full=0, evicted=0, closed=0
-        )
+        self._dropped = {"buffer_full": 0, "evicted": 0, "closed": 0}
 
-    def after_fork_in_child(self) -> None:
-        """The parent's records are the parent's to send: start empty, with new locks."""
-        self._reset()
+    #: In a forked child, the parent's records are the parent's to send: start afresh.
+    after_fork_in_child = _reset
 
     # -- the worker's lifecycle, as the pipeline runs it -------------------------------
     @property
@@ -187,9 +153,7 @@ class StreamBuffer:
     # -- the caller's side -------------------------------------------------
     def put(self, stream: str, body: bytes, urgent: bool) -> int:
         """Append one body; returns its sequence number, or DROPPED, CLOSED or DEFERRED.
-
-        ``urgent`` wakes the worker now; otherwise the record waits for a full
-        batch, the flush interval, or a flush.
+        ``urgent`` wakes the worker now; else it waits for a full batch, the interval or a flush.
         """
         with self._lock:
             if self._busy:  # we interrupted this thread's own change of the buffer
@@ -234,8 +198,7 @@ class StreamBuffer:
         return seq
 
     def _fold(self) -> None:
-        """Queue the records that interrupting code left aside (the lock is held, and
-        nothing is half done)."""
+        """Queue the records interrupting code left aside (the lock held, nothing half done)."""
         self._folding = True
         try:
             side = self._side
@@ -279,14 +242,12 @@ class StreamBuffer:
             return True
         return False
 
-    def wait_settled(
-        self, targets: Dict[str, int], timeout: Optional[float], through_outage: bool = True
-    ) -> bool:
-        """Wait until every stream has settled up to its target; False once ``timeout``
-        real seconds have passed, or, with ``through_outage=False``, as soon as the sink is
-        failing (:meth:`report_attempt`), or while the worker waits to retry a batch of
-        either stream (it serves one batch at a time): the records still wait for their
-        retries, the caller does not."""
+    def wait_settled(self, targets: Dict[str, int], timeout: Optional[float],
+                     through_outage: bool = True) -> bool:
+        """Wait until every stream has settled up to its target; False after ``timeout`` real
+        seconds or, with ``through_outage=False``, once the sink is failing (:meth:`report_attempt`)
+        or the worker waits to retry a batch of any stream (it serves one at a time): the
+        records wait for their retries, the caller does not."""
         deadline = None if timeout is None else time.monotonic() + timeout
         streams = self._streams
         me = threading.get_ident()
@@ -317,12 +278,8 @@ class StreamBuffer:
                 self._waiting.discard(me)
 
     def request_flush(self) -> Checkpoint:
-        """Ask the worker to send everything accepted so far; returns what to wait for.
-
-        The flush reports on everything since the last flush that completed
-        (did not time out): records failed or evicted since then, records
-        refused since then, and records still pending.
-        """
+        """Ask the worker to send everything accepted so far; returns what to wait for. The
+        flush reports on everything (lost, refused, pending) since the last one that completed."""
         with self._lock:
             targets, firsts, drops = {}, {}, {}
             pending = False
@@ -337,10 +294,8 @@ class StreamBuffer:
             return Checkpoint(targets, firsts, drops, pending)
 
     def verdict(self, checkpoint: Checkpoint) -> bool:
-        """Whether nothing in the checkpoint's window was lost; marks the window reported.
-
-        Call it once everything up to the checkpoint's targets has settled.
-        """
+        """Whether nothing in the checkpoint's window (settled by now) was lost; marks it
+        reported."""
         with self._lock:
             ok = True
             for name, last in checkpoint.targets.items():
@@ -350,8 +305,7 @@ class StreamBuffer:
                 lost = refused > reported
                 if not lost and first <= last:
                     lost = s.forgotten >= first or any(  # a copy: a re-entrant put may evict
-                        seq <= last and seq + count > first for seq, count in tuple(s.losses)
-                    )
+                        seq <= last and seq + count > first for seq, count in tuple(s.losses))
                 ok = ok and not lost
                 s.checked = max(s.checked, last)
                 s.checked_drops = max(s.checked_drops, refused)
@@ -372,10 +326,8 @@ class StreamBuffer:
 
     # -- the worker's side -------------------------------------------------
     def take(self) -> Optional[Tuple[str, List[bytes], int]]:
-        """Block until a stream has a batch to send; None once stopped and empty.
-
-        Returns (stream, bodies, sequence number of the first body).
-        """
+        """Block until a stream has a batch: (stream, bodies, number of the first body); None
+        once stopped, or closed and empty."""
         with self._lock:
             self._worker_ident = threading.get_ident()
             while True:
@@ -453,11 +405,8 @@ class StreamBuffer:
         self._wakeup.notify_all()
 
     def report_attempt(self, stream: str, delivered: bool) -> None:
-        """The worker's word after each attempt on ``stream``: did it deliver anything?
-
-        A stream whose last attempt delivered nothing is in an *outage*:
-        synchronous callers stop waiting for its records (see :meth:`wait_settled`).
-        """
+        """The worker's word after each attempt on ``stream``: did it deliver anything? If not,
+        the stream is in an *outage*: synchronous callers stop waiting (:meth:`wait_settled`)."""
         s = self._streams[stream]
         if s.outage == delivered:
             with self._lock:
@@ -465,12 +414,9 @@ class StreamBuffer:
                 s.outage_after = s.taken  # records up to here were in or before that attempt
 
     def wait_backoff(self, seconds: float, records: int, hurry: int) -> bool:
-        """Sleep ``seconds`` on the clock before ``records`` are sent again.
-
-        They count as retried from now, so an outage shows in ``stats()`` while
-        it lasts. Returns early, and True, when a flush or close came after
-        :attr:`hurry` read ``hurry``; early, and False, when the client stops.
-        """
+        """Sleep ``seconds`` on the clock before ``records`` are retried (counted from now, so
+        an outage shows in ``stats()``). Early and True once :attr:`hurry` differs from
+        ``hurry`` (a flush or close came); early and False when the client stops."""
         with self._lock:
             if self.stopped:
                 return False
@@ -520,25 +466,18 @@ class StreamBuffer:
     def undelivered(self) -> Dict[str, int]:
         """Per stream, the records that did not reach the sink: failed, dropped or pending."""
         with self._lock:
-            return {
-                s.name: s.failed + s.drops + s.evicted + s.enqueued - s.settled
-                for s in self._streams.values()
-            }
+            return {s.name: s.failed + s.drops + s.evicted + s.enqueued - s.settled
+                    for s in self._streams.values()}
 
     def snapshot(self) -> Dict[str, object]:
         with self._lock:
-            enqueued = sum(s.enqueued for s in self._streams.values())
-            settled_or_evicted = (
-                self._counts.get("delivered", 0) + self._counts.get("failed", 0)
-                + self._dropped.get("evicted", 0)
-            )
+            counts, streams = self._counts, self._streams.values()
+            enqueued = sum(s.enqueued for s in streams)
             return {
-                "enqueued": enqueued,
-                "delivered": self._counts.get("delivered", 0),
-                "pending": enqueued - settled_or_evicted,
+                "enqueued": enqueued, "delivered": counts["delivered"],
+                "pending": enqueued - counts["delivered"] - counts["failed"]
+                - self._dropped["evicted"],
                 "dropped": {reason: n for reason, n in self._dropped.items() if n},
-                "failed": self._counts.get("failed", 0),
-                "retried": self._counts.get("retried", 0),
-                "batches": self._counts.get("batches", 0),
-                "buffered_bytes": sum(s.bytes for s in self._streams.values()),
+                "failed": counts["failed"], "retried": counts["retried"],
+                "batches": counts["batches"], "buffered_bytes": sum(s.bytes for s in streams),
             }

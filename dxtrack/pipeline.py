@@ -1,11 +1,9 @@
 """One client's delivery pipeline: buffer, worker, sink, and their lifecycle.
 
-The pipeline decides how long a caller waits (the delivery modes), starts the
-worker on the first record and again if it ever dies, implements flush and
-close with honest deadlines, and resets itself in a forked child
-(:mod:`dxtrack.forks`); :mod:`dxtrack.exits` closes it when the process ends. With
-``papertrail_hostport``, a route of its own (:class:`_Copies`) carries a
-best-effort copy of each record.
+It owns the delivery modes (how long a caller waits), starts the worker on the first
+record and again if it dies, runs flush and close within their deadlines, and resets in
+a forked child (:mod:`dxtrack.forks`); :mod:`dxtrack.exits` closes it at the end. With
+``papertrail_hostport``, a route of its own (:class:`_Copies`) carries a best-effort copy.
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Callable, Dict, Optional, cast, overload
+from typing import Callable, Dict, Optional, cast
 
 from . import exits, forks
 from ._logging import RateLimitedLog, logger
@@ -40,26 +38,16 @@ class Pipeline:
 
     def __init__(self, config: Config, sink: Sink, clock: Clock, log: RateLimitedLog,
                  retry: RetryPolicy = DEFAULT_RETRY, *, tracked: bool = True) -> None:
-        self.config = config
-        self.retry = retry
-        self.sink = sink
-        self.clock = clock
-        self.log = log
+        self.config, self.retry, self.sink, self.clock, self.log = config, retry, sink, clock, log
         # Delivery modes: does a record wake the worker, does the caller wait for it?
         self.metric_urgent = not config.buffer_metrics
         self.metric_waits = self.metric_urgent and not config.use_async_requests
         self.error_waits = not config.use_async_requests
         self.buffer = StreamBuffer(
-            max_records=config.max_buffer_records,
-            max_bytes=config.max_buffer_bytes,
-            on_full=config.on_full,
-            block_timeout=config.block_timeout,
-            flush_interval=config.flush_interval,
-            batch_lines=sink.max_batch_lines,
-            batch_bytes=sink.max_batch_bytes,
-            clock=clock,
-            start_worker=self._start_worker,
-        )
+            max_records=config.max_buffer_records, max_bytes=config.max_buffer_bytes,
+            on_full=config.on_full, block_timeout=config.block_timeout,
+            flush_interval=config.flush_interval, batch_lines=sink.max_batch_lines,
+            batch_bytes=sink.max_batch_bytes, clock=clock, start_worker=self._start_worker)
         #: The caller's entry point: ``put(stream, body, urgent) -> sequence number``.
         self.put: Callable[[str, bytes, bool], int] = self.buffer.put
         #: A best-effort syslog copy of every record, when ``papertrail_hostport`` is set.
@@ -67,31 +55,31 @@ class Pipeline:
         if config.papertrail_hostport is not None:
             self.copies = _Copies(config, clock, log, self.buffer.put)
             self.put = self.copies.put
-        self.worker_thread: Optional[threading.Thread] = None
-        self.worker: Optional[Worker] = None
-        self._start_lock = threading.Lock()
         self._closed_ok: Optional[bool] = None
-        self._close_lock = threading.Lock()
-        self._closing: Optional[threading.Event] = None  # the close under way; set when done
+        self._reset()
         self._tracked = tracked
         if tracked:
             forks.register(self)
             exits.track(self)
             exits.prepare(config.handle_sigterm)
 
+    def _reset(self) -> None:
+        """No worker and fresh locks (at creation and in a forked child)."""
+        self.worker_thread: Optional[threading.Thread] = None
+        self.worker: Optional[Worker] = None
+        self._start_lock = threading.Lock()
+        self._close_lock = threading.Lock()
+        self._closing: Optional[threading.Event] = None  # the close under way; set when done
+
     # -- the caller's path ---------------------------------------------------
     def wait_for(self, stream: str, seq: int) -> bool:
-        """Block until record ``seq`` of ``stream`` is settled, at most ``sync_timeout``.
-
-        Not at all while the sink is failing (the record waits for its retries, the
-        caller goes on), nor from a delivery thread (a log handler called back from a
-        sink would wait for itself).
+        """Block until record ``seq`` of ``stream`` is settled, at most ``sync_timeout``. Not
+        at all while the sink is failing (the record waits for its retries, the caller goes on),
+        nor from a delivery thread (a log handler called back from a sink would wait for itself).
         """
         if in_delivery_thread():
             return False
-        return self.buffer.wait_settled(
-            {stream: seq}, self.config.sync_timeout, through_outage=False
-        )
+        return self.buffer.wait_settled({stream: seq}, self.config.sync_timeout, False)
 
     def _start_worker(self) -> bool:
         with self._start_lock:
@@ -102,11 +90,9 @@ class Pipeline:
                 self.worker.close()  # one that died: its sender thread goes with it
             worker = self.worker = Worker(
                 buffer, self.sink, retry_deadline=self.config.retry_deadline, log=self.log,
-                retry=self.retry,
-            )
-            thread = threading.Thread(
-                target=self._run_worker, args=(worker,), name="dxtrack-worker", daemon=True
-            )
+                retry=self.retry)
+            thread = threading.Thread(target=self._run_worker, args=(worker,),
+                                      name="dxtrack-worker", daemon=True)
             # Said before start(): a worker that dies at once must be able to say it ended,
             # and one that calls back into dxtrack at once must be recognised.
             buffer.worker_started()
@@ -133,11 +119,9 @@ class Pipeline:
     def flush(self, timeout: Optional[float]) -> bool:
         """Send everything accepted so far and wait at most ``timeout`` real seconds.
 
-        True when nothing recorded since the last flush that completed was
-        lost (dropped, evicted or failed) and all of it was delivered in time.
-        A flush that times out reports nothing as seen: the next one judges
-        the same records again. Papertrail copies are waited for within the
-        same ``timeout``, but they are best effort: they never change the verdict.
+        True when nothing recorded since the last flush that completed was lost (dropped,
+        evicted or failed) and all of it was delivered in time; one that times out leaves the
+        same records to the next. Papertrail copies share the ``timeout``, never the verdict.
         """
         started = time.monotonic()
         ok = self._flush_buffer(timeout)
@@ -148,9 +132,9 @@ class Pipeline:
     def _flush_buffer(self, timeout: Optional[float]) -> bool:
         buffer = self.buffer
         checkpoint = buffer.request_flush()
-        if checkpoint.pending and in_delivery_thread():
-            return False  # called back from the sink: the worker cannot wait for itself
         if checkpoint.pending:
+            if in_delivery_thread():
+                return False  # called back from the sink: the worker cannot wait for itself
             if not buffer.worker_running and not self._start_worker():
                 self._deliver_inline(timeout)
             if not buffer.wait_settled(checkpoint.targets, timeout):
@@ -158,11 +142,9 @@ class Pipeline:
         return buffer.verdict(checkpoint)
 
     def close(self, timeout: Optional[float] = None) -> bool:
-        """Flush within ``timeout`` seconds, stop the worker, release the sink.
-
-        Idempotent: later calls return the first call's verdict at once, or wait
-        for the call under way within their own ``timeout``. A close cut short by
-        an exception (Ctrl-C) leaves the next call to do it again.
+        """Flush within ``timeout`` seconds, stop the worker, release the sink. Idempotent:
+        later calls return the first verdict, or wait for the close under way within their own
+        ``timeout``. A close cut short by an exception (Ctrl-C) leaves the next call to redo it.
         """
         timeout = self.config.shutdown_timeout if timeout is None else timeout
         mine: Optional[threading.Event] = None
@@ -199,15 +181,12 @@ class Pipeline:
         if self.copies is not None:
             self.copies.close(_left(timeout, started))
         if not ok and not self.sink.best_effort:  # copies are not records
-            s = self.stats()
-            dropped = cast(Dict[str, int], s["dropped"])
-            lost = self.buffer.undelivered()
+            s, lost = self.stats(), self.buffer.undelivered()
             logger.error(
                 "dxtrack closed with records not delivered (%s, %s): %s pending, %s failed, "
-                "%s dropped (%r)", quantity(lost[METRIC], METRIC),
-                quantity(lost[ERROR], ERROR), f"{s['pending']:,}", f"{s['failed']:,}",
-                f"{sum(dropped.values()):,}", self.sink,
-            )
+                "%s dropped (%r)", quantity(lost[METRIC], METRIC), quantity(lost[ERROR], ERROR),
+                f"{s['pending']:,}", f"{s['failed']:,}",
+                f"{sum(cast(Dict[str, int], s['dropped']).values()):,}", self.sink)
         if self._tracked:
             exits.untrack(self)
         return ok
@@ -219,15 +198,11 @@ class Pipeline:
             self.log.warning("sink-close", "dxtrack could not close %r: %r", self.sink, exc)
 
     def _deliver_inline(self, timeout: Optional[float]) -> None:
-        """Last resort when no thread can be started (interpreter shutdown).
-
-        No retries, and no new batch once ``timeout`` has passed (a batch
-        already sent is bounded by the sink's own timeouts).
-        """
+        """Last resort when no thread can be started (interpreter shutdown): no retries, no new
+        batch after ``timeout`` (one already sent is bounded by the sink's own timeouts)."""
         self.buffer.close()
-        deadline = None if timeout is None else time.monotonic() + timeout
         worker = Worker(self.buffer, self.sink, retry_deadline=0.0, log=self.log, retry=self.retry)
-        worker.run(deadline)
+        worker.run(None if timeout is None else time.monotonic() + timeout)
 
     # -- introspection and process events ----------------------------------------
     def finished(self) -> bool:
@@ -244,11 +219,7 @@ class Pipeline:
     def after_fork_in_child(self) -> None:
         """The parent's queue, locks and thread are the parent's: start afresh."""
         self.buffer.after_fork_in_child()
-        self.worker_thread = None
-        self.worker = None
-        self._start_lock = threading.Lock()
-        self._close_lock = threading.Lock()
-        self._closing = None
+        self._reset()
         self.sink.after_fork()
         if self.copies is not None:
             self.copies.after_fork_in_child()
@@ -285,7 +256,7 @@ class _Copies:
                     "is not affected", _MAX_COPIES)
         return seq
 
-    def close(self, timeout: float) -> None:
+    def close(self, timeout: Optional[float]) -> None:
         self.route.close(timeout)  # then stopped: what is queued stays there
         self.left = self.route.buffer.queued()
 
@@ -300,10 +271,6 @@ class _Copies:
         self.refused = self.left = 0
 
 
-@overload
-def _left(timeout: float, started: float) -> float: ...
-@overload
-def _left(timeout: None, started: float) -> None: ...
 def _left(timeout: Optional[float], started: float) -> Optional[float]:
     """What is left of ``timeout`` seconds since ``started`` (None: no bound)."""
     return None if timeout is None else max(0.0, timeout - (time.monotonic() - started))

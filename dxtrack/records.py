@@ -1,16 +1,10 @@
 """Building the JSON records: validation, metadata, timestamps, ids.
 
-The caller's path serializes a record *without* its ``id`` and keeps it
-*open*: the JSON without its closing brace. The worker closes it later
-(:func:`finalize`), adding the ``id`` and the newline, so the sha256 costs
-nothing on the caller's thread. The id is the sha256 hex digest of the
-record's JSON without the ``id`` key, exactly as serialized: two records with
-identical content have identical ids, which lets a reader drop duplicates.
-
-Why open: orjson returns its output in a buffer of about 4 KiB whatever the
-record's length, and a buffered record would hold all of it. Slicing off the
-brace makes an exact-size copy, so the buffer's byte bound is the memory it
-really takes.
+The caller's path serializes a record without its ``id`` and keeps it *open* (no
+closing brace); the worker closes it (:func:`finalize`), so the sha256 of the id
+(docs/firehose.md) costs the caller nothing. Why open: orjson's output sits in a buffer
+of about 4 KiB whatever the record's length; slicing off the brace makes an exact-size
+copy, so the buffer's byte bound is the memory it really takes.
 """
 
 from __future__ import annotations
@@ -68,9 +62,7 @@ class RecordBuilder:
     def __init__(self, config: Config, *, max_line_bytes: int = Sink.max_line_bytes) -> None:
         # The longest record JSON (with its brace, without the id) that fits once finalized.
         self._max_body = max_line_bytes - ID_OVERHEAD + 1
-        self._context = config.context
-        self._stage = config.stage
-        self._run_id = config.run_id
+        self._context, self._stage, self._run_id = config.context, config.stage, config.run_id
         self._default: Dict[str, Any] = dict(config.default_metadata)
         self._datetime_format = config.timestamp_format == "datetime"
         try:
@@ -84,13 +76,8 @@ class RecordBuilder:
                 ) from None
 
     # -- metrics -----------------------------------------------------------
-    def metric(
-        self,
-        name: str,
-        value: Any,
-        metadata: Optional[Mapping[str, Any]] = None,
-        timestamp: Any = None,
-    ) -> bytes:
+    def metric(self, name: str, value: Any, metadata: Optional[Mapping[str, Any]] = None,
+               timestamp: Any = None) -> bytes:
         """Validate one metric and return its open body (no id, no closing brace)."""
         # The caller's hot path: the common cases are tested first and inline.
         if type(name) is not str or not name:  # noqa: SIM102 (the exact type test is the fast one)
@@ -103,10 +90,7 @@ class RecordBuilder:
         if number - number != 0.0:  # NaN and the infinities
             raise ValueError(f"metric value must be a finite number, got {_shown(value)}")
         record = {
-            "context": self._context,
-            "metric_name": name,
-            "value": number,
-            "stage": self._stage,
+            "context": self._context, "metric_name": name, "value": number, "stage": self._stage,
             "metadata": self._default if metadata is None else self._merge(metadata),
             "run_id": self._run_id,
             "timestamp": _time() if timestamp is None and not self._datetime_format
@@ -120,23 +104,17 @@ class RecordBuilder:
             raise ValueError(
                 f"metric {name!r} serializes to {len(body) + ID_OVERHEAD - 1:,} bytes, over the "
                 f"Firehose record limit of {self._max_body + ID_OVERHEAD - 1:,} bytes: trim its "
-                "metadata"
-            )
+                "metadata")
         return body[:-1]
 
     # -- errors ------------------------------------------------------------
     def error(self, exc: BaseException, metadata: Optional[Mapping[str, Any]] = None) -> bytes:
         """Serialize one error record, open; oversized text is cut (and marked) to fit."""
+        exception = {"type": exception_type_name(exc), "value": _safe_str(exc),
+                     "traceback": format_traceback(exc)}
         record: Dict[str, Any] = {
-            "context": self._context,
-            "exception": {
-                "type": exception_type_name(exc),
-                "value": _safe_str(exc),
-                "traceback": format_traceback(exc),
-            },
-            "stage": self._stage,
-            "metadata": self._merge(metadata),
-            "timestamp": self._timestamp(None),
+            "context": self._context, "exception": exception, "stage": self._stage,
+            "metadata": self._merge(metadata), "timestamp": self._timestamp(None),
             "run_id": self._run_id,
         }
         try:
@@ -158,11 +136,7 @@ class RecordBuilder:
         try:
             # Other mappings become dicts, which orjson writes as objects (it would str() a
             # MappingProxyType or a custom Mapping).
-            if not self._default:
-                return dict(metadata)
-            merged = dict(self._default)
-            merged.update(metadata)
-            return merged
+            return {**self._default, **metadata}
         except (RecursionError, MemoryError):
             raise  # no room left: not the mapping's fault
         except Exception as exc:  # a lazy or remote mapping, a __getitem__ that raises
@@ -199,15 +173,13 @@ class RecordBuilder:
 
 def _bad_timestamp(timestamp: Any) -> ValueError:
     return ValueError(
-        f"timestamp must be a datetime or unix seconds (int or float), got {_shown(timestamp)}"
-    )
+        f"timestamp must be a datetime or unix seconds (int or float), got {_shown(timestamp)}")
 
 
 def _outside_the_years(timestamp: Any) -> ValueError:
     return ValueError(
         "timestamp must be from 1970 to 9999 (UTC): unix seconds from 0 up to 253402300800, "
-        f"or a datetime in those years, got {_shown(timestamp)}"
-    )
+        f"or a datetime in those years, got {_shown(timestamp)}")
 
 
 def exception_type_name(exc: BaseException) -> str:
@@ -244,12 +216,9 @@ def _serialize(record: Dict[str, Any]) -> bytes:
 def _serialize_leniently(record: Dict[str, Any], check_keys: Any = None) -> bytes:
     """What plain ``orjson.dumps`` refused: unknown values as ``str()``, then value by value.
 
-    Keys that are not strings are written as text here, so two keys can come
-    out as one (``1`` and ``"1"``) and a reader would keep only one of them:
-    ``check_keys`` (the caller's metadata, inside ``record``) is looked at for
-    that. The value-by-value path checks every mapping as it goes.
-
-    :raises ValueError: naming such a key.
+    Keys that are not str are written as text, so two can come out as one (``1`` and
+    ``"1"``): ValueError if so, looked for in ``check_keys`` (the caller's metadata,
+    inside ``record``); the value-by-value path checks every mapping as it goes.
     """
     try:
         body = _dumps(record, default=str, option=orjson.OPT_NON_STR_KEYS)
@@ -264,25 +233,20 @@ def _serialize_leniently(record: Dict[str, Any], check_keys: Any = None) -> byte
 def _refuse_keys_written_as_one(value: Any, depth: int) -> None:
     """Raise ValueError if two keys of a dict in ``value`` are written as the same text.
 
-    Only a dict with a key that is not a str needs a look: its keys are
-    written by orjson exactly as the record's were, and read back.
+    Only a dict with a key that is not a str needs a look: each key is written by
+    orjson exactly as the record's were, and read back.
     """
     if depth > 255:  # orjson writes no deeper
         return
     if isinstance(value, dict):
-        for key in value:
-            if type(key) is not str:
-                keys = dict.fromkeys(value)
-                if len(orjson.loads(_dumps(keys, option=orjson.OPT_NON_STR_KEYS))) < len(keys):
-                    seen = set()
-                    for key in keys:
-                        text = next(iter(orjson.loads(
-                            _dumps({key: None}, option=orjson.OPT_NON_STR_KEYS)
-                        )))
-                        if text in seen:
-                            raise _repeated_key(text)
-                        seen.add(text)
-                break
+        if any(type(key) is not str for key in value) and len(orjson.loads(
+                _dumps(dict.fromkeys(value), option=orjson.OPT_NON_STR_KEYS))) < len(value):
+            seen = set()  # two keys are written as one: which?
+            for key in value:
+                text = next(iter(orjson.loads(_dumps({key: None}, option=orjson.OPT_NON_STR_KEYS))))
+                if text in seen:
+                    raise _repeated_key(text)
+                seen.add(text)
         items: Any = value.values()
     elif isinstance(value, (list, tuple)):
         items = value
@@ -297,8 +261,7 @@ def _repeated_key(key: str) -> ValueError:
     return ValueError(
         f"metadata has two keys that are both written as {key!r}: a key that is not a str is "
         "written as its text (1 as '1'), and a reader would keep only one of them; rename or "
-        "drop one"
-    )
+        "drop one")
 
 
 def _plain(value: Any, depth: int) -> Any:
@@ -343,11 +306,10 @@ def _shown(value: Any, limit: int = 200) -> str:
 def _shrink_error(record: Dict[str, Any], excess: int, max_body: int) -> bytes:
     """Make an oversized error record fit ``max_body`` bytes, marking every cut.
 
-    The exception is what an error record is for, so large metadata goes
-    first. Then the value and the traceback are cut in the middle (head and
-    tail say the most), the value to at most half of the room left when the
-    traceback needs the rest: a huge message is repeated at the end of the
-    traceback, and the frames above it must survive.
+    The exception is what an error record is for, so large metadata goes first. Then the
+    value and the traceback are cut in the middle (head and tail say the most), the value to
+    at most half the room left when the traceback needs the rest: a huge message is repeated
+    at the end of the traceback, and the frames above it must survive.
     """
     exception = record["exception"]
     if len(_serialize(record["metadata"])) > max_body // 2:

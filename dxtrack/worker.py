@@ -1,20 +1,11 @@
 """The daemon thread that moves records from the buffer to the sink.
 
-One worker per client per process. It takes a batch, adds the ids, hands the
-lines to the sink, and retries what the sink could not deliver with capped
-exponential backoff and full jitter until ``retry_deadline`` has passed since
-the first failed attempt; then the rest count as failed. A flush or close ends
-a backoff at once. Nothing it meets is ever raised into the application.
-
-A sink that talks to the network (``blocking_io = True``) sends from a thread
-of its own, so that the worker can give up on one attempt when the time left
-to its batch runs out (or the sink's ``attempt_timeout``), however slowly the
-other end answers: the attempt is abandoned (its thread ends when the call
-does), the sink is told to drop its connection, and the lines are retried or
-counted as failed. How it retries is a :class:`RetryPolicy`, which tests replace.
-
-A worker and its sender thread belong to the process that made them: after a
-fork the pipeline drops them and starts new ones.
+One worker per client per process: it takes a batch, adds the ids, hands the lines to
+the sink and retries what failed (a :class:`RetryPolicy`) until ``retry_deadline``;
+nothing it meets is raised into the application. A ``blocking_io`` sink sends from a
+thread of its own (:class:`_Sender`) so that an attempt can be abandoned however slowly
+the other end answers. Both threads belong to the process that made them: after a fork
+the pipeline drops them and starts new ones.
 """
 
 from __future__ import annotations
@@ -58,8 +49,7 @@ _thread_role = threading.local()
 
 
 def in_delivery_thread() -> bool:
-    """Whether this thread is one of dxtrack's senders: such a thread never waits for
-    delivery (it would wait for itself)."""
+    """Whether this is a dxtrack sender thread: it never waits (it would wait for itself)."""
     return getattr(_thread_role, "delivery", False)
 
 
@@ -72,20 +62,10 @@ def quantity(count: int, stream: str) -> str:
 class Worker:
     """Its :meth:`run` loops until the buffer is stopped, or closed and drained."""
 
-    def __init__(
-        self,
-        buffer: StreamBuffer,
-        sink: Sink,
-        *,
-        retry_deadline: float,
-        log: RateLimitedLog,
-        retry: RetryPolicy = DEFAULT_RETRY,
-    ) -> None:
-        self.buffer = buffer
-        self.sink = sink
-        self.retry_deadline = retry_deadline
-        self.policy = retry
-        self.log = log
+    def __init__(self, buffer: StreamBuffer, sink: Sink, *, retry_deadline: float,
+                 log: RateLimitedLog, retry: RetryPolicy = DEFAULT_RETRY) -> None:
+        self.buffer, self.sink, self.log = buffer, sink, log
+        self.retry_deadline, self.policy = retry_deadline, retry
         self.sender = _Sender(sink, retry.max_abandoned) if sink.blocking_io else None
         #: An attempt longer than this is abandoned even with time left, to leave room to retry.
         self.attempt_cap: float = sink.attempt_timeout or retry_deadline
@@ -115,10 +95,9 @@ class Worker:
             while pending:
                 hurry = buffer.hurry  # a flush or close from now on cuts the backoff short
                 left = self.retry_deadline if started is None else (
-                    started + self.retry_deadline - clock.monotonic()
-                )
-                result = self._attempt(stream, pending, max(min(left, self.attempt_cap),
-                                                            policy.min_attempt))
+                    started + self.retry_deadline - clock.monotonic())
+                bound = max(min(left, self.attempt_cap), policy.min_attempt)
+                result = self._attempt(stream, pending, bound)
                 sent = len(pending) - len(result.retry) - result.failed
                 delivered += sent
                 failed += result.failed
@@ -132,10 +111,8 @@ class Worker:
                 started = now if started is None else started
                 left = started + self.retry_deadline - now
                 if left > 0 and not buffer.stopped:
-                    self.log.warning(
-                        f"retry:{stream}", "dxtrack will retry %s: %s",
-                        quantity(len(pending), stream), result.error,
-                    )
+                    self.log.warning(f"retry:{stream}", "dxtrack will retry %s: %s",
+                                     quantity(len(pending), stream), result.error)
                     ceiling = min(policy.backoff_cap, policy.backoff_base * 2 ** min(attempt, 30))
                     attempt += 1
                     delay = min(policy.jitter(ceiling), left)
@@ -155,10 +132,8 @@ class Worker:
         if self.sink.best_effort:
             return  # such a sink logs its own failures, and they are not lost records
         total = self.buffer.failed(stream) + in_batch
-        self.log.error(
-            f"lost:{stream}", "dxtrack could not deliver %s (%s in all so far): %s",
-            quantity(count, stream), f"{total:,}", why,
-        )
+        self.log.error(f"lost:{stream}", "dxtrack could not deliver %s (%s in all so far): %s",
+                       quantity(count, stream), f"{total:,}", why)
 
     def close(self) -> None:
         """Let the sender thread, if any, end (once the call it may be in returns)."""
@@ -179,16 +154,13 @@ def _send_once(sink: Sink, stream: str, lines: Sequence[bytes]) -> SendResult:
 
 
 class _Sender:
-    """Runs a blocking sink's ``send`` in a thread the worker can walk away from.
-
-    An abandoned thread ends when its call returns. At most ``max_abandoned``
-    of them may still be waiting: past that, attempts are refused (and retried
-    later) rather than piling up threads and connections while an endpoint hangs.
-    """
+    """Runs a blocking sink's ``send`` in a thread the worker can walk away from (the sink
+    then drops its connection). An abandoned thread ends when its call returns; past
+    ``max_abandoned`` still waiting, attempts are refused (and retried later) rather than
+    piling up threads and connections while an endpoint hangs."""
 
     def __init__(self, sink: Sink, max_abandoned: int) -> None:
-        self.sink = sink
-        self.max_abandoned = max_abandoned
+        self.sink, self.max_abandoned = sink, max_abandoned
         self.requests: Optional[queue.SimpleQueue[Any]] = None
         self.thread: Optional[threading.Thread] = None
         self.abandoned: List[threading.Thread] = []
@@ -198,10 +170,8 @@ class _Sender:
         if requests is None:
             self.abandoned = [t for t in self.abandoned if t.is_alive()]
             if len(self.abandoned) >= self.max_abandoned:
-                return SendResult(retry=lines, error=(
-                    f"{len(self.abandoned)} abandoned attempts are still waiting for an answer; "
-                    "not starting another"
-                ))
+                return SendResult(retry=lines, error=f"{len(self.abandoned)} abandoned attempts "
+                                  "are still waiting for an answer; not starting another")
             try:
                 requests = self._start()
             except RuntimeError:  # no new threads at interpreter shutdown: send from here
@@ -216,10 +186,8 @@ class _Sender:
             if self.thread is not None:
                 self.abandoned.append(self.thread)
             self.requests = None
-            return SendResult(retry=lines, error=(
-                f"no answer within {bound:.1f} s; the attempt was abandoned (it may still "
-                "have been delivered)"
-            ))
+            return SendResult(retry=lines, error=f"no answer within {bound:.1f} s; the attempt "
+                              "was abandoned (it may still have been delivered)")
 
     def close(self) -> None:
         if self.requests is not None:
