@@ -15,20 +15,11 @@ logger = logging.getLogger("dxtrack")
 
 
 class RateLimitedLog:
-    """Logs a message once per ``period`` seconds per key; counts what it held back.
+    """Logs a message once per ``period`` seconds per key; the next one says how many were
+    held back. Keys live in bounded caches: a stream of distinct keys cannot grow memory."""
 
-    The next message for a key says how many were suppressed since the last
-    one. The keys live in a bounded TTL cache, so a stream of distinct keys
-    cannot grow memory either.
-    """
-
-    def __init__(
-        self,
-        period: float = 60.0,
-        maxsize: int = 256,
-        timer: Callable[[], float] = time.monotonic,
-        log: logging.Logger = logger,
-    ) -> None:
+    def __init__(self, period: float = 60.0, maxsize: int = 256,
+                 timer: Callable[[], float] = time.monotonic, log: logging.Logger = logger) -> None:
         self._seen: TTLCache[str, bool] = TTLCache(maxsize=maxsize, ttl=period, timer=timer)
         self._suppressed: LRUCache[str, int] = LRUCache(maxsize=maxsize)  # bounded too
         self._log = log
@@ -37,10 +28,9 @@ class RateLimitedLog:
     def after_fork_in_child(self) -> None:
         """A new lock: the parent's may have been held by another thread at fork time.
 
-        Reentrant, because a signal handler or a ``__del__`` that records can
-        interrupt this thread inside :meth:`__call__`; such a call finds
-        ``_busy`` set and holds its message back (counted) rather than touch
-        the caches half way through a change.
+        Reentrant, because a signal handler or a ``__del__`` that records can interrupt this
+        thread inside :meth:`__call__`; such a call finds ``_busy`` set and holds its message
+        back (counted) rather than touch the caches half way through a change.
         """
         self._lock = threading.RLock()
         self._busy = False

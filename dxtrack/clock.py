@@ -20,10 +20,8 @@ class Clock(Protocol):
         """Seconds on a clock that never goes backwards."""
 
     def wait(self, condition: threading.Condition, timeout: Optional[float]) -> None:
-        """Wait on ``condition`` (held by the caller) until notified or ``timeout`` passes.
-
-        It may return early: callers re-check what they wait for, in a loop.
-        """
+        """Wait on ``condition`` (held by the caller) until notified or ``timeout`` passes;
+        it may return early: callers re-check what they wait for, in a loop."""
 
 
 class SystemClock:

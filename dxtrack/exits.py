@@ -3,12 +3,12 @@
 Three ways out, three hooks, each set up once per process by :func:`prepare`:
 
 - interpreter exit: an ``atexit`` hook (test_exit);
-- the exit of a ``multiprocessing`` child, where ``atexit`` does not run (fork
-  and forkserver children end with ``os._exit``): a ``multiprocessing``
-  finalizer, registered when the child first records (test_processes);
-- SIGTERM: dxtrack's handler (:mod:`dxtrack.signals`), installed from the main
-  thread where SIGTERM is at its default and ``handle_sigterm`` is on, and
-  given back when the last pipeline closes (test_sigterm).
+- a ``multiprocessing`` child's exit, where ``atexit`` does not run (fork and forkserver
+  children end with ``os._exit``): a finalizer, registered when it first records
+  (test_processes);
+- SIGTERM: dxtrack's handler (:mod:`dxtrack.signals`), installed from the main thread where
+  SIGTERM is at its default and ``handle_sigterm`` is on, given back when the last pipeline
+  closes (test_sigterm).
 """
 
 from __future__ import annotations
@@ -56,12 +56,9 @@ def untrack(pipeline: Pipeline) -> None:
 
 
 def prepare(handle_sigterm: bool) -> None:
-    """Make sure this process flushes when it ends; cheap after the first call.
-
-    Called when a pipeline is created and when its worker starts (a child
-    process records from a worker thread first, and only the main thread may
-    install a handler).
-    """
+    """Make sure this process flushes when it ends; cheap after the first call. Called when a
+    pipeline is created and when its worker starts (a child process records from a worker
+    thread first, and only the main thread may install a handler)."""
     global _finalizer, _handler
     on_main_thread = threading.current_thread() is threading.main_thread()
     if not handle_sigterm and _handler and signals.release_sigterm():

@@ -1,10 +1,8 @@
 """``DXTrackHandler``: a ``logging`` handler that turns logged exceptions into error records.
 
-Records at the handler's level (ERROR by default) that carry an exception become
-error records, with the logger's name, the level and the message as metadata; the
-handler never waits for delivery. dxtrack's own log lines are filtered out before
-the handler's lock is taken, so the worker logging a delivery problem never waits
-for a thread inside the handler. Users' guide: docs/errors-and-integrations.md.
+dxtrack's own log lines are filtered out before the handler's lock is taken, so the worker
+logging a delivery problem never waits for a thread inside the handler. Users' guide:
+docs/errors-and-integrations.md.
 """
 
 from __future__ import annotations
@@ -51,9 +49,7 @@ class DXTrackHandler(logging.Handler):
         self._inside.active = True
         try:
             metadata: Dict[str, Any] = {
-                "logger": record.name,
-                "level": record.levelname,
-                "message": record.getMessage(),
+                "logger": record.name, "level": record.levelname, "message": record.getMessage()
             }
             self.client.record_error(exc_info[1], metadata, wait=False)  # type: ignore[index]
         except Exception:

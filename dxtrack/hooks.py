@@ -1,13 +1,9 @@
 """``capture_unhandled=True``: exceptions nobody caught become error records.
 
-:class:`UnhandledCapture` puts a link in front of :data:`sys.excepthook` (the main
-thread) and :func:`threading.excepthook` (other threads). A link queues the record
-without waiting (a thread's is flushed before the thread ends; the main thread's
-goes with the exit flush), then calls the hook that was there before, so what the
-program prints is unchanged. Uninstalling takes a link out only while it is the
-hook in place; otherwise it stays in the chain and only passes calls on, and an
-exception meeting two links of one client is recorded once. Users' guide:
-docs/errors-and-integrations.md.
+:class:`UnhandledCapture` puts a link in front of :data:`sys.excepthook` and
+:func:`threading.excepthook`; a link queues the record, then calls the hook that was there
+before. Uninstalling takes a link out only while it is the hook in place; otherwise it only
+passes calls on. Users' guide: docs/errors-and-integrations.md.
 """
 
 from __future__ import annotations

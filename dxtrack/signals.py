@@ -1,41 +1,34 @@
 """Signals: dxtrack's SIGTERM handler, and keeping signals where they belong.
 
-- **SIGTERM.** ``with Pool()`` ends with a SIGTERM to each worker; ``docker
-  stop``, Kubernetes and systemd send one to the main process. Where SIGTERM
-  is still the default, :mod:`dxtrack.exits` installs :class:`_UnwindOnSigterm`:
-  it starts a non-daemon thread that flushes once the main thread has unwound,
-  and raises ``SystemExit(143)``. Interpreter exit and ``multiprocessing``'s
-  child exit both join non-daemon threads, so the flush happens even when the
-  SIGTERM cuts ``multiprocessing``'s finalizers short
+- **SIGTERM** (``with Pool()``'s exit, ``docker stop``): where it is at its default,
+  :mod:`dxtrack.exits` installs :class:`_UnwindOnSigterm`, which raises ``SystemExit(143)``
+  and flushes from a non-daemon thread; interpreter exit and ``multiprocessing``'s child exit
+  join it, so a SIGTERM that cuts the finalizers short does not cut the flush
   (test_sigterm: ``test_sigterm_while_multiprocessing_runs_its_finalizers``).
-- **A main thread that missed it.** Python runs a handler only when the main
-  thread runs bytecode again; a pool worker can sleep forever in a lock wait
-  that missed the signal. In a child, a small thread reads the wakeup
-  descriptor and, if the handler has not run within :data:`NUDGE_AFTER`,
-  sends the main thread a SIGURG (handled by doing nothing), which ends the
-  wait (test_processes: the pool tests under SIGTERM to the process group).
-- **dxtrack's threads** block the signals a program handles, so the kernel
-  delivers them to the main thread (:func:`block_signals_in_this_thread`).
-- **error()** holds SIGINT and SIGTERM while it formats and queues a record
-  (:func:`hold_signals`; test_reentrancy).
-- **fork()** from a process with dxtrack's handler blocks SIGTERM across the
-  fork; the child sets SIGTERM back to its default before unblocking it, so a
-  child terminated at once ends at once (test_sigterm: forks from threads).
-  :mod:`dxtrack.forks` calls the three fork functions here.
+- **A main thread that missed it** (asleep in a lock wait, it never runs the handler): in a
+  child, a thread reads the wakeup descriptor and, if the handler has not run within
+  :data:`NUDGE_AFTER`, sends the main thread a SIGURG, handled by doing nothing, which ends
+  the wait (test_processes: the pool tests under SIGTERM to the process group).
+- **dxtrack's threads** block the signals a program handles, so the kernel delivers them to
+  the main thread (:func:`block_signals_in_this_thread`).
+- **error()** holds SIGINT and SIGTERM while it queues a record (:func:`hold_signals`;
+  test_reentrancy).
+- **fork()** (called by :mod:`dxtrack.forks`) blocks SIGTERM across the fork; the child sets
+  it back to its default before unblocking it, so a child terminated at once ends at once
+  (test_sigterm: forks from threads).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
 from typing import Any, Callable, Optional, Tuple
 
-__all__ = [
-    "SIGTERM_STATUS", "block_signals_in_this_thread", "hold_signals", "in_child_process",
-    "install_sigterm_handler", "mark_exiting", "release_signals", "release_sigterm",
-]
+__all__ = ["SIGTERM_STATUS", "block_signals_in_this_thread", "hold_signals", "in_child_process",
+           "install_sigterm_handler", "mark_exiting", "release_signals", "release_sigterm"]
 
 #: Exit status of a process that dxtrack ended after a SIGTERM (as shells report it).
 SIGTERM_STATUS = 128 + int(signal.SIGTERM)
@@ -47,12 +40,9 @@ NUDGES = 3
 NUDGE_SIGNAL = getattr(signal, "SIGURG", None)
 
 #: Signals a program may handle; dxtrack's threads never take them.
-_ASYNC_SIGNALS = frozenset(
-    getattr(signal, name) for name in (
-        "SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGCHLD",
-        "SIGWINCH", "SIGPIPE",
-    ) if hasattr(signal, name)
-)
+_ASYNC_SIGNALS = frozenset(getattr(signal, name) for name in (
+    "SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGCHLD",
+    "SIGWINCH", "SIGPIPE") if hasattr(signal, name))
 _HELD_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 _CAN_MASK = hasattr(signal, "pthread_sigmask")
 
@@ -75,14 +65,10 @@ def _on_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _current_sigterm_handler() -> Any:
-    return signal.getsignal(signal.SIGTERM)
-
-
 # -- fork (called by dxtrack.forks) ----------------------------------------------------
 def before_fork() -> None:
     """Keep a SIGTERM away from the child until it has set SIGTERM back to its default."""
-    if _CAN_MASK and isinstance(_current_sigterm_handler(), _UnwindOnSigterm):
+    if _CAN_MASK and isinstance(signal.getsignal(signal.SIGTERM), _UnwindOnSigterm):
         _fork_masks.saved = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
 
@@ -114,10 +100,8 @@ def after_fork_in_child() -> None:
                 except BaseException:  # noqa: BLE001 - nothing may stop the unblocking below
                     continue
         finally:
-            try:
+            with contextlib.suppress(BaseException):
                 signal.pthread_sigmask(signal.SIG_SETMASK, saved)
-            except BaseException:  # noqa: BLE001
-                pass
     _sigterm_seen = threading.Event()
     if _wakeup is not None:
         # The signal module still writes to the parent's pipe: aim that descriptor at
@@ -144,10 +128,9 @@ def mark_exiting() -> None:
 def hold_signals() -> None:
     """Keep SIGINT and SIGTERM waiting until :func:`release_signals` (main thread only).
 
-    ``error()`` formats tracebacks with the standard library, whose bare
-    ``except:`` clauses would swallow the KeyboardInterrupt or SystemExit of a
-    handler run meanwhile: held until the record is queued, the signal then
-    acts as usual and the record is kept.
+    ``error()`` formats tracebacks with the standard library, whose bare ``except:`` would
+    swallow a handler's KeyboardInterrupt or SystemExit: held until the record is queued,
+    the signal then acts as usual and the record is kept.
     """
     global _held_mask
     if _CAN_MASK and _held_mask is None and _on_main_thread():
@@ -175,12 +158,9 @@ def block_signals_in_this_thread() -> None:
 def install_sigterm_handler(
     grace: Callable[[], float], close_all: Callable[[], None], unsent: Callable[[], str]
 ) -> None:
-    """Install dxtrack's handler where SIGTERM is at its default (main thread only).
-
-    A handler the program (or a framework) installed is left alone. In a child
-    process, also start the watcher that wakes a main thread which missed the signal.
-    """
-    current = _current_sigterm_handler()
+    """Install dxtrack's handler where SIGTERM is at its default (main thread only); a
+    program's own is left alone. In a child, also start the watcher (see above)."""
+    current = signal.getsignal(signal.SIGTERM)
     if current is not signal.SIG_DFL and not isinstance(current, _UnwindOnSigterm):
         return
     handler = _UnwindOnSigterm(grace, close_all, unsent)
@@ -192,7 +172,7 @@ def install_sigterm_handler(
 def release_sigterm() -> bool:
     """Give SIGTERM back its default once no client is left to flush (main thread only).
     Returns whether SIGTERM is no longer dxtrack's."""
-    ours = isinstance(_current_sigterm_handler(), _UnwindOnSigterm)
+    ours = isinstance(signal.getsignal(signal.SIGTERM), _UnwindOnSigterm)
     if ours and _on_main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         return True
@@ -202,20 +182,16 @@ def release_sigterm() -> bool:
 class _UnwindOnSigterm:
     """dxtrack's SIGTERM handler; a class, so a forked child knows an inherited one as ours.
 
-    It starts a thread that flushes, then raises ``SystemExit(143)`` so the
-    main thread unwinds (``finally`` blocks run and may still record; a
-    ``with Pool()`` terminates its workers and waits while they flush). The
-    thread waits for the main thread to finish unwinding, at most one grace,
-    then closes every client; a watchdog ends the process after two graces.
-    A child process ignores later SIGTERMs (a SIGTERM to the process group
-    reaches a pool worker twice); the main process ends at a second one.
+    It raises ``SystemExit(143)`` so the main thread unwinds (``finally`` blocks may still
+    record; a ``with Pool()`` terminates its workers and waits while they flush); a thread
+    waits for that, at most one grace, then closes every client; a watchdog ends the process
+    after two graces. A child ignores later SIGTERMs (a SIGTERM to the process group reaches
+    a pool worker twice); the main process ends at a second one.
     """
 
     def __init__(self, grace: Callable[[], float], close_all: Callable[[], None],
                  unsent: Callable[[], str]) -> None:
-        self.grace = grace
-        self.close_all = close_all
-        self.unsent = unsent
+        self.grace, self.close_all, self.unsent = grace, close_all, unsent
 
     def __call__(self, signum: int, frame: Any) -> None:
         _sigterm_seen.set()
@@ -228,15 +204,11 @@ class _UnwindOnSigterm:
         # Held back during a fork, this runs inside the fork hook, which would swallow
         # SystemExit: then the thread flushes at once and ends the process itself.
         in_fork_hook = getattr(_fork_masks, "saved", None) is not None
-        flusher = threading.Thread(
-            target=self._flush_and_end, args=(0.0 if in_fork_hook else grace,),
-            name="dxtrack-sigterm-exit",
-        )
-        try:
+        flusher = threading.Thread(target=self._flush_and_end, name="dxtrack-sigterm-exit",
+                                   args=(0.0 if in_fork_hook else grace,))
+        with contextlib.suppress(RuntimeError):  # no new threads at interpreter exit
             watchdog.start()
             flusher.start()
-        except RuntimeError:  # pragma: no cover - no new threads at interpreter exit
-            pass
         if not in_fork_hook:
             raise SystemExit(SIGTERM_STATUS)
 
@@ -268,9 +240,8 @@ def _start_watcher(handler: _UnwindOnSigterm) -> None:
     """Start the thread that wakes a main thread which missed a SIGTERM; nothing when
     SIGURG or the wakeup descriptor is the program's."""
     global _wakeup, _inherited_wakeup
-    if NUDGE_SIGNAL is None or not hasattr(signal, "pthread_kill"):
-        return
-    if signal.getsignal(NUDGE_SIGNAL) not in (signal.SIG_DFL, _wake):
+    if (NUDGE_SIGNAL is None or not hasattr(signal, "pthread_kill")
+            or signal.getsignal(NUDGE_SIGNAL) not in (signal.SIG_DFL, _wake)):
         return
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)  # the C signal handler must never block on it
@@ -289,10 +260,8 @@ def _start_watcher(handler: _UnwindOnSigterm) -> None:
         _inherited_wakeup = None
     signal.signal(NUDGE_SIGNAL, _wake)
     _wakeup = (read_end, write_end)
-    threading.Thread(
-        target=_watch, args=(read_end, handler, NUDGE_SIGNAL), name="dxtrack-sigterm",
-        daemon=True,
-    ).start()
+    threading.Thread(target=_watch, args=(read_end, handler, NUDGE_SIGNAL),
+                     name="dxtrack-sigterm", daemon=True).start()
 
 
 def _watch(read_end: int, handler: _UnwindOnSigterm, nudge: int) -> None:
@@ -301,8 +270,6 @@ def _watch(read_end: int, handler: _UnwindOnSigterm, nudge: int) -> None:
     while True:
         try:
             received = os.read(read_end, 512)
-        except InterruptedError:  # pragma: no cover - its signals are blocked
-            continue
         except OSError:  # pragma: no cover - the pipe is gone
             return
         if not received:  # pragma: no cover - the write end is never closed

@@ -16,20 +16,10 @@ __all__ = ["ManualClock", "MemorySink"]
 
 
 class MemorySink(Sink):
-    """Keeps every delivered line, per stream.
+    """Keeps every delivered line, per stream (an example: docs/clients-and-sinks.md)."""
 
-    >>> sink = MemorySink()
-    >>> client = DXTrack()
-    >>> client.configure(stage="test", context="job", run_id="1", sink=sink)
-    >>> client.metric("rows", 3); client.flush_metrics_buffer()
-    >>> sink.records("metric")[0]["value"]
-    3.0
-    """
-
-    def __init__(
-        self, max_batch_lines: int = Sink.max_batch_lines,
-        max_batch_bytes: int = Sink.max_batch_bytes,
-    ) -> None:
+    def __init__(self, max_batch_lines: int = Sink.max_batch_lines,
+                 max_batch_bytes: int = Sink.max_batch_bytes) -> None:
         self.max_batch_lines = max_batch_lines
         self.max_batch_bytes = max_batch_bytes
         self._lines: Dict[str, List[bytes]] = {"metric": [], "error": []}
@@ -59,9 +49,8 @@ class MemorySink(Sink):
     def wait_for(self, stream: str, count: int, timeout: Optional[float] = 10.0) -> bool:
         """Block until ``count`` lines of ``stream`` arrived; False on timeout."""
         with self._changed:
-            return self._changed.wait_for(
-                lambda: len(self._lines.get(stream, ())) >= count, timeout
-            )
+            return self._changed.wait_for(lambda: len(self._lines.get(stream, ())) >= count,
+                                          timeout)
 
     @property
     def sends(self) -> int:
@@ -75,15 +64,11 @@ class MemorySink(Sink):
 class ManualClock:
     """A clock that moves only when :meth:`advance` is called.
 
-    A wait returns when notified, when :meth:`advance` moves the time, or
-    after ``min(timeout, max_real_wait)`` real seconds, whichever comes
-    first; callers re-check their deadline against :meth:`monotonic`, so to
-    them the last two are early wake-ups. ``max_real_wait`` bounds every real
-    wait, so a broken test fails instead of hanging.
-
-    A wait entered by a thread after the time moved past what that thread last
-    read returns at once: the caller's deadline arithmetic is stale, and the
-    advance that made it so could not wake a wait that had not begun yet.
+    A wait returns when notified, when :meth:`advance` moves the time, or after
+    ``min(timeout, max_real_wait)`` real seconds (so a broken test fails instead of hanging);
+    callers re-check their deadline, so to them the last two are early wake-ups. A wait
+    entered by a thread after the time moved past what that thread last read returns at
+    once: its deadline arithmetic is stale, and that advance could not wake it.
     """
 
     def __init__(self, start: float = 1000.0, max_real_wait: float = 30.0) -> None:

@@ -1,10 +1,8 @@
 """``dxtrack.timer(name)``: the seconds a block or a function call took, as a metric.
 
-Measured on the client's monotonic clock and recorded whether the block returns or
-raises; a metric that cannot be recorded when the block ends is logged, never raised
-over the block's own outcome. Start times live in a context variable, so blocks that
-overlap in threads or asyncio tasks each measure their own time, even through one
-timer object. Users' guide: docs/errors-and-integrations.md.
+Start times live in a context variable, so blocks that overlap in threads or asyncio tasks
+each measure their own time, even through one timer object. Users' guide:
+docs/errors-and-integrations.md.
 """
 
 from __future__ import annotations
@@ -22,34 +20,22 @@ __all__ = ["Timer"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: Start times of the blocks open in this context, by timer (``id``), innermost last.
-_starts: contextvars.ContextVar[Dict[int, Tuple[float, ...]]] = contextvars.ContextVar(
-    "dxtrack_timer_starts"
-)
+_starts: contextvars.ContextVar[Dict[int, Tuple[float, ...]]]
+_starts = contextvars.ContextVar("dxtrack_timer_starts")
 
 
 class Timer:
-    """A context manager and decorator recording elapsed seconds as metric ``name``.
-
-    One object may time nested, repeated and concurrent blocks (threads and
-    asyncio tasks keep their own start times); used as a decorator, each call
-    is timed on its own.
-    """
+    """A context manager and decorator recording elapsed seconds as metric ``name``; it may
+    time nested, repeated and concurrent blocks, and each call of a decorated function."""
 
     __slots__ = ("name", "metadata", "elapsed", "_client", "_clock")
 
-    def __init__(
-        self,
-        client: DXTrack,
-        name: str,
-        metadata: Optional[Mapping[str, Any]],
-        clock: Callable[[], float],
-    ) -> None:
+    def __init__(self, client: DXTrack, name: str, metadata: Optional[Mapping[str, Any]],
+                 clock: Callable[[], float]) -> None:
         # Bad arguments fail here, where they were given, not when the block ends.
         if not isinstance(name, str) or not name:
             raise ValueError(f"metric name must be a non-empty string, got {name!r}")
-        if metadata is not None and type(metadata) is not dict and not isinstance(
-            metadata, Mapping
-        ):
+        if metadata is not None and not isinstance(metadata, Mapping):
             raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
         self.name = name
         self.metadata = None if metadata is None else dict(metadata)  # as it is now
@@ -70,11 +56,9 @@ class Timer:
         key = id(self)
         starts = open_blocks.pop(key, ())
         if not starts:  # the block ended in another context than it began (a thread pool, say)
-            self._client.log.warning(
-                f"timer-context:{self.name}",
-                "dxtrack.timer(%r): the block ended in another context than it began in; "
-                "nothing recorded", self.name,
-            )
+            self._client.log.warning(f"timer-context:{self.name}", "dxtrack.timer(%r): the block "
+                                     "ended in another context than it began in; nothing "
+                                     "recorded", self.name)
             return
         if len(starts) > 1:
             open_blocks[key] = starts[:-1]
@@ -87,8 +71,7 @@ class Timer:
                 f"timer() cannot time the generator function {func.__qualname__}: calling it "
                 "returns at once; time the loop that consumes it instead"
             )
-        clock = self._clock
-        record = self._record
+        clock, record = self._clock, self._record
         if inspect.iscoroutinefunction(func):
 
             @functools.wraps(func)
@@ -116,10 +99,8 @@ class Timer:
         try:
             self._client.metric(self.name, seconds, self.metadata)
         except (TypeError, ValueError) as exc:
-            self._client.log.warning(
-                f"timer:{self.name}", "dxtrack.timer(%r) could not record its metric: %s",
-                self.name, exc,
-            )
+            self._client.log.warning(f"timer:{self.name}", "dxtrack.timer(%r) could not record "
+                                     "its metric: %s", self.name, exc)
 
     def __repr__(self) -> str:
         return f"Timer({self.name!r})"

@@ -1,9 +1,7 @@
 """The seam between the pipeline and a destination: the :class:`Sink` base class.
 
-A sink receives finished JSON lines (each ending in ``\\n``) of one stream,
-``'metric'`` or ``'error'``, and reports what became of them. It makes one
-attempt; retrying, backoff and deadlines belong to the pipeline, so every
-sink gets them for free and the pipeline never knows which sink it feeds.
+A sink makes one attempt to deliver the JSON lines of one stream and says what became of
+them; retrying, backoff and deadlines are the pipeline's (docs/clients-and-sinks.md).
 """
 
 from __future__ import annotations
@@ -19,10 +17,8 @@ __all__ = ["DELIVERED", "SendResult", "Sink"]
 
 @dataclass(frozen=True)
 class SendResult:
-    """The outcome of one :meth:`Sink.send`.
-
-    Lines not in ``retry`` and not counted in ``failed`` were delivered.
-    """
+    """The outcome of one :meth:`Sink.send`: lines neither in ``retry`` nor counted in
+    ``failed`` were delivered."""
 
     #: Lines to send again after a backoff (throttling, a passing outage).
     retry: Sequence[bytes] = ()
@@ -38,21 +34,19 @@ DELIVERED = SendResult()
 class Sink(abc.ABC):
     """A destination for finished lines: derive from it and write :meth:`send`.
 
-    A sink is used by one worker thread at a time (an abandoned attempt, below,
-    may still be running beside the next); ``send`` may raise, which the
-    pipeline treats like a passing failure of every line. The class attributes
-    are the defaults a sink may override.
+    One worker thread uses it at a time (an abandoned attempt, below, may still be running
+    beside the next); ``send`` may raise, which counts as a passing failure of every line.
+    The class attributes are the defaults a sink may override (docs/clients-and-sinks.md).
     """
 
     #: How much the pipeline hands over in one :meth:`send`: lines and bytes.
     max_batch_lines: int = 10_000
     max_batch_bytes: int = 8 * 1024 * 1024
-    #: The longest line (id and newline included) it takes; the record builder keeps every
-    #: record within it. Firehose's by default: a record another sink accepts must be one the
-    #: stage's Firehose would take too, so a program behaves alike whatever its sink.
+    #: The longest line (newline included) the record builder makes. Firehose's by default, so
+    #: a program refuses alike whatever its sink.
     max_line_bytes: int = MAX_RECORD_BYTES
-    #: ``send`` waits on the network: the worker calls it from a thread of its own, abandons
-    #: an attempt that outlives the time left to its batch and calls :meth:`drop_connection`.
+    #: ``send`` waits on the network: the worker calls it from a thread of its own and abandons
+    #: an attempt that outlives its batch's time (then calls :meth:`drop_connection`).
     blocking_io: bool = False
     #: With ``blocking_io``: no attempt lasts longer than this many seconds (None: no bound).
     attempt_timeout: Optional[float] = None

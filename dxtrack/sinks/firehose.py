@@ -1,14 +1,9 @@
-"""Delivery to Amazon Data Firehose with ``PutRecordBatch``.
+"""Delivery to Amazon Data Firehose with ``PutRecordBatch`` (users' guide: docs/firehose.md).
 
-Each :meth:`FirehoseSink.send` makes the calls one batch needs (one, almost
-always), reads every response, and sorts the lines into delivered, to retry
-(throttling, 5xx, connection trouble, entries with an ``ErrorCode``) and
-failed (what retrying cannot fix: a missing stream, refused credentials).
-Retrying itself is the pipeline's job. A line over the service's record limit
-(the record builders never make one) is counted failed, not sent.
-
-The boto3 client is created lazily, and again after a fork (:meth:`FirehoseSink.after_fork`):
-a client, and its connection pool, is never shared across one.
+:meth:`FirehoseSink.send` makes the calls a batch needs and sorts its lines into delivered,
+to retry (throttling, 5xx, connection trouble, entries with an ``ErrorCode``) and failed (a
+missing stream, refused credentials). The boto3 client is created lazily, and again after a
+fork: a client and its connection pool are never shared across one.
 """
 
 from __future__ import annotations
@@ -32,8 +27,7 @@ __all__ = ["Connection", "FirehoseSink", "Put", "connect"]
 RETRYABLE_CODES = frozenset({
     "ServiceUnavailableException", "ThrottlingException", "Throttling", "LimitExceededException",
     "InternalFailure", "InternalFailureException", "InternalServerError", "RequestTimeout",
-    "RequestTimeoutException", "RequestLimitExceeded", "TooManyRequestsException",
-})
+    "RequestTimeoutException", "RequestLimitExceeded", "TooManyRequestsException"})
 #: What to tell the user to check when the service refuses for good.
 ADVICE = {
     "ResourceNotFoundException": "check that the delivery stream exists in this account and "
@@ -46,11 +40,9 @@ ADVICE = {
     "please report it",
 }
 #: ... when botocore finds no credentials at all ...
-NO_CREDENTIALS = (
-    "no AWS credentials were found: pass aws_access_key_id and aws_secret_access_key or "
-    "profile_name to configure(), or set up boto3's default chain (environment, "
-    "~/.aws/credentials, instance role)"
-)
+NO_CREDENTIALS = ("no AWS credentials were found: pass aws_access_key_id and "
+                  "aws_secret_access_key or profile_name to configure(), or set up boto3's "
+                  "default chain (environment, ~/.aws/credentials, instance role)")
 #: ... and when botocore refuses the request before sending it.
 BAD_REQUEST = "botocore refused the request as built; this is a dxtrack bug, please report it"
 
@@ -58,20 +50,17 @@ BAD_REQUEST = "botocore refused the request as built; this is a dxtrack bug, ple
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 15.0
 
-
-#: What botocore raises when a body cannot be parsed: its own ``ResponseParserError`` (not
-#: a ``BotoCoreError``), or, in the JSON parser, ``UnicodeDecodeError`` for bytes that are
-#: not UTF-8 and ``AttributeError`` / ``TypeError`` for JSON that is not an object.
-UNREADABLE = (botocore.parsers.ResponseParserError, ValueError, TypeError, AttributeError,
-              LookupError)
+#: What a call may raise: botocore's errors, and on a body it cannot parse its own
+#: ``ResponseParserError`` (not a ``BotoCoreError``) or, in the JSON parser,
+#: ``UnicodeDecodeError`` (not UTF-8) and ``AttributeError`` / ``TypeError`` (not an object).
+CALL_ERRORS = (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError,
+               botocore.parsers.ResponseParserError, ValueError, TypeError, AttributeError,
+               LookupError)
 
 
 def answer_problem(response: Any, count: int) -> Optional[str]:
-    """What keeps ``response`` from proving the delivery of ``count`` records, if anything.
-
-    Firehose answers a PutRecordBatch with one entry per record, in request
-    order, each carrying a ``RecordId`` (stored) or an ``ErrorCode`` (not).
-    """
+    """What keeps ``response`` from proving the delivery of ``count`` records, if anything:
+    Firehose answers one entry per record, in order, with a ``RecordId`` or an ``ErrorCode``."""
     answers = response.get("RequestResponses") if isinstance(response, dict) else None
     if answers is None:
         return f"no RequestResponses (one result per record) for the {count} record(s) sent"
@@ -102,27 +91,18 @@ def check_endpoint(client: Any) -> str:
 
 
 class Connection(NamedTuple):
-    """What :func:`connect` builds for one configuration."""
+    """What :func:`connect` builds: the session, the Firehose client and its region."""
 
     session: boto3.session.Session
-    #: The Firehose client, with dxtrack's timeouts and no retries of botocore's own.
     client: Any
-    #: The region the client talks to.
     region: str
 
 
 def connect(config: Config) -> Connection:
-    """The boto3 session and Firehose client that ``config`` asks for.
-
-    Credentials: explicit keys first, then ``profile_name``, then boto3's
-    default chain (environment, config files, roles). Region: ``region_name``,
-    else the session's, else :data:`~dxtrack.config.DEFAULT_REGION`. The sink
-    sends with this client and ``dxtrack check`` inspects the same one, so the
-    check sees what delivery will use. Nothing is sent (botocore does resolve
-    the credentials while it builds the client).
-
-    :raises botocore.exceptions.BotoCoreError: for a profile that does not
-        exist, for example.
+    """The boto3 session and Firehose client that ``config`` asks for, used by the sink and
+    by ``dxtrack check`` alike. Region: ``region_name``, else the session's, else
+    :data:`~dxtrack.config.DEFAULT_REGION`. Nothing is sent, but botocore resolves the
+    credentials: a profile that does not exist raises a ``BotoCoreError``.
     """
     credentials: Dict[str, Any] = dict(
         aws_access_key_id=config.aws_access_key_id,
@@ -131,18 +111,13 @@ def connect(config: Config) -> Connection:
     ) if config.aws_access_key_id else dict(profile_name=config.profile_name)
     session = boto3.session.Session(region_name=config.region_name, **credentials)
     region = session.region_name or DEFAULT_REGION
-    client = session.client(
-        "firehose",
-        region_name=region,
-        endpoint_url=config.endpoint_url,
-        config=botocore.config.Config(
-            connect_timeout=CONNECT_TIMEOUT,
-            read_timeout=READ_TIMEOUT,
-            max_pool_connections=2,
-            retries={"mode": "standard", "total_max_attempts": 1},
-            user_agent_extra=f"dxtrack/{__version__}",
-        ),
+    settings = botocore.config.Config(  # dxtrack's timeouts, no retries of botocore's own
+        connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT, max_pool_connections=2,
+        retries={"mode": "standard", "total_max_attempts": 1},
+        user_agent_extra=f"dxtrack/{__version__}",
     )
+    client = session.client("firehose", region_name=region, endpoint_url=config.endpoint_url,
+                            config=settings)
     return Connection(session, client, region)
 
 
@@ -153,10 +128,6 @@ class Put(NamedTuple):
     retry: Sequence[bytes] = ()
     failure: Optional[str] = None
     permanent: bool = False
-
-
-#: What a call may raise: botocore's errors, and what it raises on a body it cannot parse.
-CALL_ERRORS = (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError, *UNREADABLE)
 
 
 def judge(exc: Exception, client: Any) -> Tuple[bool, str]:
@@ -178,8 +149,6 @@ def judge(exc: Exception, client: Any) -> Tuple[bool, str]:
 class FirehoseSink(Sink):
     """Sends lines to the stage's two delivery streams."""
 
-    #: Firehose's record limit: a longer line is never sent.
-    max_line_bytes = MAX_RECORD_BYTES
     #: Calls go over the network: the worker bounds each attempt by the time its batch has,
     blocking_io = True
     #: ... and by this many seconds, a connect and a read (a trickling answer is given up on).
@@ -198,10 +167,8 @@ class FirehoseSink(Sink):
         self._reset_counts()
 
     def _reset_counts(self) -> None:
-        # Calls made, whatever their outcome; records and bytes that Firehose accepted.
         self._counts = {"put_record_batch_calls": 0, "firehose_records": 0, "bytes_sent": 0}
 
-    # -- the client --------------------------------------------------------------
     def client(self) -> Any:
         """The boto3 Firehose client, created on first use and after a fork or a drop."""
         if self._client is None:
@@ -220,7 +187,6 @@ class FirehoseSink(Sink):
         its call returns (see :meth:`send`)."""
         self._client = None
 
-    # -- sending -------------------------------------------------------------------
     def send(self, stream: str, lines: Sequence[bytes]) -> SendResult:
         name = self.streams[stream]
         try:
@@ -298,9 +264,7 @@ class FirehoseSink(Sink):
         return f"{text}; {advice}" if advice else text
 
     def stats(self) -> Dict[str, int]:
-        """``put_record_batch_calls`` made (whatever their outcome) in this process, and the
-        ``firehose_records`` and ``bytes_sent`` that Firehose accepted (what it bills and
-        delivers: failed entries are counted again only when a retry gets them in)."""
+        """This process's counters (docs/firehose.md)."""
         return dict(self._counts)
 
     def close(self) -> None:

@@ -16,12 +16,8 @@ __all__ = ["FileSink", "PrintSink"]
 
 
 class FileSink(Sink):
-    """Appends each stream's lines to ``<output_dir>/<stream>.jsonl``.
-
-    Files are opened in append mode for every batch and written with one
-    ``write`` call, so earlier runs and other processes writing the same
-    files are never overwritten.
-    """
+    """Appends each stream's lines to ``<output_dir>/<stream>.jsonl``, opened for every batch
+    and written in one call: earlier runs and other processes' lines are never overwritten."""
 
     def __init__(self, output_dir: str | os.PathLike[str]) -> None:
         self.output_dir = os.fspath(output_dir)

@@ -24,11 +24,8 @@ Record = Tuple[bytes, Sequence[bytes]]
 
 
 def pack(lines: Sequence[bytes], max_record_bytes: int) -> Iterator[Record]:
-    """Group consecutive lines into records of at most ``max_record_bytes``.
-
-    A line longer than ``max_record_bytes`` (but within the service limit)
-    travels alone. Order is kept.
-    """
+    """Group consecutive lines, in order, into records of at most ``max_record_bytes``; a
+    longer line (but within the service limit) travels alone."""
     group: List[bytes] = []
     size = 0
     for line in lines:
@@ -48,9 +45,8 @@ def plan_calls(
     for line in lines:
         if len(line) > MAX_RECORD_BYTES:
             raise ValueError(f"a line of {len(line):,} bytes exceeds the Firehose record limit")
-    records: Iterator[Record] = (
-        pack(lines, max_record_bytes) if packed else ((line, (line,)) for line in lines)
-    )
+    records: Iterator[Record] = (pack(lines, max_record_bytes) if packed
+                                 else ((line, (line,)) for line in lines))
     call: List[Record] = []
     size = 0
     for record in records:

@@ -1,13 +1,8 @@
 """A best-effort sink: each record as RFC 3164 syslog datagrams to Papertrail, over UDP.
 
-    <14>Nov 27 06:00:01 w3 scraper[42]: metric products=120.0 stage=prod run_id=r1 metadata={"a":1}
-    <11>Nov 27 06:00:02 w3 scraper[42]: error KeyError: 'sku' stage=prod run_id=r1 metadata={"a":1}
-    <11>Nov 27 06:00:02 w3 scraper[42]: Traceback (most recent call last):
-
-The header has the local time, the host, the context as a tag and the process
-id; an error is its summary, then one message per traceback line. Each copy is
-sent once; after a failure, copies fail at once for a while. The pipeline feeds
-it when ``papertrail_hostport`` is set; it logs its own problems, rate-limited.
+An error is its summary, then one message per traceback line. Each copy is sent once; after
+a failure, copies fail at once for a while. The pipeline feeds it when ``papertrail_hostport``
+is set. The format and its limits: docs/errors-and-integrations.md.
 """
 
 from __future__ import annotations
@@ -49,7 +44,6 @@ class PapertrailSink(Sink):
     the next lookup; ``resolve(host, port) -> (address, port)`` is the lookup itself."""
 
     max_batch_lines = 1_000
-    max_batch_bytes = 8 * 1024 * 1024
     #: It logs its own failures: the worker and the pipeline do not report them as lost.
     best_effort = True
 
@@ -57,19 +51,15 @@ class PapertrailSink(Sink):
                  timer: Callable[[], float] = time.monotonic,
                  resolve: Optional[Callable[[str, int], Tuple[str, int]]] = None) -> None:
         host, _, port = hostport.rpartition(":")
-        self.hostport = hostport
+        self.hostport, self._port = hostport, int(port)
         self._host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        self._port = int(port)
         self._host_and_tag = f"{_hostname()} {syslog_tag(context)}"
-        self._log = log
-        self._timer = timer
-        self._resolve = resolve or _resolve
+        self._log, self._timer, self._resolve = log, timer, resolve or _resolve
         self._to: Optional[Tuple[socket.socket, Tuple[str, int]]] = None
         self._resolve_at = 0.0  # the name is looked up again from this time on
         self._retry_at = 0.0    # copies fail at once until this time (after a failure)
         self._delay = _RETRY_FIRST
-        self._second = -1       # of the cached header
-        self._header = ""
+        self._header, self._second = "", -1  # the cached header, and its second
 
     def send(self, stream: str, lines: Sequence[bytes]) -> SendResult:
         """Send each line once; those that could not be sent count as failed."""
@@ -132,10 +122,8 @@ class PapertrailSink(Sink):
         second = int(time.time())
         if second != self._second:
             t = time.localtime(second)
-            self._header = (
-                f"{_MONTHS[t.tm_mon - 1]} {t.tm_mday:2d} {t.tm_hour:02d}:{t.tm_min:02d}:"
-                f"{t.tm_sec:02d} {self._host_and_tag}[{os.getpid()}]: "
-            )
+            self._header = (f"{_MONTHS[t.tm_mon - 1]} {t.tm_mday:2d} {time.strftime('%H:%M:%S', t)}"
+                            f" {self._host_and_tag}[{os.getpid()}]: ")
             self._second = second
         return self._header
 
