@@ -34,7 +34,7 @@ class _Adapted(Sink):
     def __init__(self, sink: Any) -> None:
         self.wrapped = sink
         for name in ("max_batch_lines", "max_batch_bytes", "max_line_bytes", "blocking_io",
-                     "attempt_timeout"):
+                     "attempt_timeout", "best_effort"):
             if hasattr(sink, name):
                 setattr(self, name, getattr(sink, name))
         for name in ("close", "stats", "after_fork", "drop_connection"):
