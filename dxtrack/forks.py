@@ -6,7 +6,8 @@ this module, sets things right in a fixed order: first the signal state
 (:mod:`dxtrack.signals`), then the exit hooks (:mod:`dxtrack.exits`), then
 every registered object in the order it was created, so a client comes
 before its pipelines. The hooks log nothing: the logging lock may have been
-held by another thread at fork time.
+held by another thread at fork time (test_processes: ``TestForkKeepsParentAndChildApart``,
+``test_fork_under_load_does_not_deadlock``).
 """
 
 from __future__ import annotations
