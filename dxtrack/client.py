@@ -51,8 +51,7 @@ class DXTrack:
         self._state: Optional[_State] = None
         self._config: Optional[Config] = None
         self._pipelines: List[Pipeline] = []
-        # Counters of pipelines that are closed and whose worker has ended, folded in.
-        self._retired: Dict[str, Any] = {"dropped": {}}
+        self._retired: Dict[str, Any] = {"dropped": {}}  # counters of the finished pipelines
         self._closed = False
         #: The pipeline the last close() closed: later calls return its verdict.
         self._closed_pipeline: Optional[Pipeline] = None

@@ -84,10 +84,8 @@ def create_landing(
     url: str, *, bucket: str = BUCKET, stage: str = "dev", region: str = REGION,
     credentials: Optional[Dict[str, Any]] = None, streams: Sequence[str] = ("metric", "error"),
 ) -> None:
-    """Create ``bucket`` and the stage's delivery streams into it (prefix ``<stream>/``).
-
-    For a moto server at ``url``: the demo, the tests and the benchmarks all use it.
-    """
+    """Create ``bucket`` and the stage's delivery streams into it (prefix ``<stream>/``) on the
+    moto server at ``url``: the demo, the tests and the benchmarks all use it."""
     import boto3
 
     options: Dict[str, Any] = dict(region_name=region, endpoint_url=url,
@@ -194,11 +192,9 @@ def _report(emitted: Dict[str, int], found: Dict[str, List[bytes]], elapsed: flo
     ]
     if s3_objects is not None:
         data = sum(len(line) + 1 for lines in found.values() for line in lines)
-        rows += [
-            ("PutRecordBatch calls (= S3 objects)", f"{len(s3_objects):,}"),
-            ("bytes landed in S3", f"{data:,}"),
-            ("Firehose records if unpacked", f"{len(ids):,}"),
-        ]
+        rows += [("PutRecordBatch calls (= S3 objects)", f"{len(s3_objects):,}"),
+                 ("bytes landed in S3", f"{data:,}"),
+                 ("Firehose records if unpacked", f"{len(ids):,}")]
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"  {label:<{width}}  {value}", file=out)
