@@ -1,17 +1,7 @@
-"""The ``dxtrack`` command: a metric from a shell job, a check of the set-up, the demo.
+"""The ``dxtrack`` command: ``metric`` from a shell job, ``check`` of the set-up, ``demo``.
 
-::
-
-    dxtrack metric NAME VALUE [--meta KEY=VALUE ...]   record one metric, wait for delivery
-    dxtrack check [--send-test]                         credentials and delivery streams
-    dxtrack demo [demo options]                         the end-to-end demo
-
-Settings a subcommand does not take as flags come from the ``DXTRACK_<OPTION>``
-variables that ``configure()`` reads (:mod:`dxtrack.env`); AWS credentials
-come from boto3's usual chain, never from a flag. Exit status: 0 on success,
-1 for a failed check or a metric not delivered, 2 for bad usage (bad settings
-included). A problem is reported in one line on standard error, never as a
-traceback; dxtrack's own log lines stay visible there too.
+Settings come from flags and the ``DXTRACK_<OPTION>`` variables, as ``configure()`` reads them;
+a problem is one line on standard error with exit status 1 or 2 (see docs/command-line.md).
 """
 
 from __future__ import annotations
@@ -73,9 +63,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
-# -- the command line ------------------------------------------------------------------
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``dxtrack`` and its subcommands."""
     parser = _Parser(
@@ -115,17 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(check, REQUIRED["check"],
                   {"context": CHECK_CONTEXT, "run_id": "the UTC time"})  # as in _check()
 
-    commands.add_parser(
-        "demo", add_help=False,  # every argument, --help included, goes to the demo itself
-        help="run the end-to-end demo (stage dev needs moto); 'dxtrack demo --help' for its "
-             "options",
-    )
+    commands.add_parser("demo", add_help=False,  # every argument, --help included, goes to it
+                        help="run the end-to-end demo (stage dev needs moto); "
+                             "'dxtrack demo --help' for its options")
     return parser
 
 
-def _add_settings(
-    parser: argparse.ArgumentParser, required: Sequence[str], fallbacks: Dict[str, str]
-) -> None:
+def _add_settings(parser: argparse.ArgumentParser, required: Sequence[str],
+                  fallbacks: Dict[str, str]) -> None:
     group = parser.add_argument_group(
         "settings",
         "A flag left out comes from its variable (in brackets), as every other option of\n"
@@ -158,12 +142,8 @@ def _meta_item(text: str) -> Tuple[str, Any]:
 
 
 def typed_value(text: str) -> Any:
-    """A ``--meta`` value: JSON numbers, ``true``, ``false``, ``null`` and
-    double-quoted strings are decoded; anything else is kept as text.
-
-    Numbers that would not survive the trip (``1e400``, integers beyond 64
-    bits) and JSON arrays and objects are kept as text too.
-    """
+    """A ``--meta`` value, typed as docs/command-line.md says: JSON scalars that survive the
+    trip are decoded, anything else is kept as text."""
     try:
         value = json.loads(text, parse_constant=_no_constant)
     except ValueError:
@@ -179,9 +159,6 @@ def typed_value(text: str) -> Any:
 
 def _no_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")  # NaN and Infinity stay text
-
-
-# -- settings ---------------------------------------------------------------------------
 
 
 def _given(args: argparse.Namespace) -> Dict[str, Any]:
@@ -214,9 +191,7 @@ def _config(options: Dict[str, Any]) -> Config:
 def _bad_setting(exc: ConfigurationError, options: Dict[str, Any]) -> UsageError:
     """Bad usage naming the flag that gave the setting, if a flag did."""
     flag = FLAGS.get(exc.option or "")
-    if flag and exc.option in options:
-        return UsageError(f"{flag.name}: {exc}")
-    return UsageError(str(exc))
+    return UsageError(f"{flag.name}: {exc}" if flag and exc.option in options else str(exc))
 
 
 def _destination(config: Config, sink: Any) -> str:
@@ -228,13 +203,10 @@ def _destination(config: Config, sink: Any) -> str:
     return f"delivery stream {config.stream_name('metric')!r} in region {region!r}"
 
 
-def _send_one(
-    options: Dict[str, Any], name: str, value: float, metadata: Dict[str, Any]
-) -> Tuple[str, Optional[str]]:
-    """Record one metric through a client of its own and wait for it.
-
-    Returns where it went and, unless it was delivered, why not (one line).
-    """
+def _send_one(options: Dict[str, Any], name: str, value: float,
+              metadata: Dict[str, Any]) -> Tuple[str, Optional[str]]:
+    """Record one metric through a client of its own and wait for it: returns where it went
+    and, unless it was delivered, why not (one line)."""
     from .client import DXTrack
 
     client = DXTrack()
@@ -264,17 +236,11 @@ def _send_one(
     return where, f"metric {name!r} {what} to {where}; see dxtrack's messages above"
 
 
-# -- the subcommands --------------------------------------------------------------------
-
-
 def _metric(args: argparse.Namespace) -> int:
     options = {**_given(args), **SYNCHRONOUS}
     _config(options)  # bad usage, found before anything starts
     _, problem = _send_one(options, args.name, args.value, dict(args.meta))
-    if problem:
-        _error(problem)
-        return 1
-    return 0
+    return _error(problem, 1) if problem else 0
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -300,8 +266,7 @@ def _check(args: argparse.Namespace) -> int:
             else:
                 report.ok("test record", f"metric {CHECK_METRIC!r} delivered to {where}")
     if report.failed:
-        _error(f"{report.failed} of {checks(report.passed + report.failed)} failed")
-        return 1
+        return _error(f"{report.failed} of {checks(report.passed + report.failed)} failed", 1)
     report.say(f"{checks(report.passed)} passed")
     return 0
 
@@ -311,9 +276,8 @@ def _demo(argv: List[str]) -> int:
         try:
             importlib.import_module("moto.server")
         except ImportError:
-            _error("the demo needs moto: pip install 'dxtrack[demo]' (or run it with "
-                   "--stage test, which writes local files)")
-            return 1
+            return _error("the demo needs moto: pip install 'dxtrack[demo]' (or run it with "
+                          "--stage test, which writes local files)", 1)
     from . import demo
 
     return demo.main(argv, prog=f"{PROG} demo")
@@ -326,11 +290,10 @@ def _demo_stage(argv: List[str]) -> str:
     return str(known.stage)
 
 
-# -- main -------------------------------------------------------------------------------
-
-
-def _error(message: str) -> None:
+def _error(message: str, status: int) -> int:
+    """Report a problem in one line on standard error; returns the exit status."""
     print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    return status
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -349,8 +312,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              f"(see '{PROG} {args.command} --help')")
         return _metric(args) if args.command == "metric" else _check(args)
     except UsageError as exc:
-        _error(str(exc))
-        return 2
+        return _error(str(exc), 2)
     except KeyboardInterrupt:
-        _error("interrupted")
-        return 130
+        return _error("interrupted", 130)

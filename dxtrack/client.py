@@ -29,22 +29,13 @@ __all__ = ["DXTrack"]
 _State = Tuple[RecordBuilder, Pipeline]
 
 class DXTrack:
-    """A dxtrack client. ``from dxtrack import dxtrack`` gives a ready-made one.
+    """A dxtrack client; instances share no state. ``from dxtrack import dxtrack`` gives one.
+    :meth:`record_error` and :attr:`log` are for the integrations, not for applications.
 
-    Independent instances share no state: each has its own settings, buffer,
-    worker and counters.
-
-    :param clock: the source of time for intervals, deadlines and waits; tests
-        pass a :class:`dxtrack.testing.ManualClock`.
+    :param clock: the source of time for intervals, deadlines and waits (tests: ManualClock).
     :param retry: how the worker backs off between attempts (tests make it quick).
-    :param inherit: share settings with child processes: ``configure()``
-        hands its non-secret settings to the ``multiprocessing`` children started
-        from then on, and an unconfigured client in such a child adopts them on
-        first use (see :mod:`dxtrack.inherit`). The ready-made ``dxtrack`` has it on.
-
-    The integrations (:mod:`dxtrack.hooks`, :mod:`dxtrack.handler`,
-    :mod:`dxtrack.timer`) use two members that are not for applications:
-    :meth:`record_error` and :attr:`log`.
+    :param inherit: hand the non-secret settings to ``multiprocessing`` children, where an
+        unconfigured client adopts them (:mod:`dxtrack.inherit`); on for the ready-made one.
     """
 
     __version__ = __version__
@@ -60,8 +51,7 @@ class DXTrack:
         self._state: Optional[_State] = None
         self._config: Optional[Config] = None
         self._pipelines: List[Pipeline] = []
-        # Counters of pipelines that are closed and whose worker has ended, folded in.
-        self._retired: Dict[str, Any] = {"dropped": {}}
+        self._retired: Dict[str, Any] = {"dropped": {}}  # counters of the finished pipelines
         self._closed = False
         #: The pipeline the last close() closed: later calls return its verdict.
         self._closed_pipeline: Optional[Pipeline] = None
@@ -79,7 +69,6 @@ class DXTrack:
         self._adopted = False
         self._log.after_fork_in_child()
 
-    # -- configuration ---------------------------------------------------------
     def configure(  # every option of Config, in its order, by keyword; None: not given
         self, *, stage: Optional[str] = None, context: Optional[str] = None,
         run_id: Optional[str] = None, default_metadata: Optional[Mapping[str, Any]] = None,
@@ -98,15 +87,10 @@ class DXTrack:
         shutdown_timeout: Optional[float] = None, retry_deadline: Optional[float] = None,
         sync_timeout: Optional[float] = None, sink: Any = None,
     ) -> Config:
-        """Validate the settings and start using them; returns the :class:`Config`.
+        """Validate the options of :class:`Config` and start using them; returns the Config.
 
-        ``stage``, ``context`` and ``run_id`` are required, here or through
-        ``DXTRACK_STAGE``, ``DXTRACK_CONTEXT`` and ``DXTRACK_RUN_ID``; every other
-        non-secret option also takes its default from ``DXTRACK_<OPTION>`` (see
-        :mod:`dxtrack.env`), and an argument given here wins over its variable.
-        The options are those of :class:`Config`.
-
-        Configuring again first sends whatever is pending under the old
+        ``stage``, ``context`` and ``run_id`` are required, here or as ``DXTRACK_<OPTION>``
+        (docs/environment.md). Configuring again first sends what is pending under the old
         settings (bounded by the old ``shutdown_timeout``).
         """
         options = dict(locals())  # the keywords above, and only those
@@ -169,10 +153,8 @@ class DXTrack:
 
     @property
     def default_metadata(self) -> Optional[Dict[str, Any]]:
-        """A copy of the configured ``default_metadata``, or ``None`` before ``configure()``.
-
-        A deep copy: changing it changes nothing in the records.
-        """
+        """A deep copy of the configured ``default_metadata`` (changing it changes nothing in
+        the records), or ``None`` before ``configure()``."""
         config = self._config
         return _snapshot(config.default_metadata) if config is not None else None
 
@@ -188,14 +170,8 @@ class DXTrack:
         state = self._state
         return getattr(state[1].sink, "wrapped", state[1].sink) if state is not None else None
 
-    # -- recording -------------------------------------------------------------
-    def metric(
-        self,
-        name: str,
-        value: Any,
-        metadata: Optional[Mapping[str, Any]] = None,
-        timestamp: Any = None,
-    ) -> None:
+    def metric(self, name: str, value: Any, metadata: Optional[Mapping[str, Any]] = None,
+               timestamp: Any = None) -> None:
         """Record one metric.
 
         :param name: a non-empty string, dotted by convention (``scrape.products``).
@@ -203,9 +179,8 @@ class DXTrack:
         :param metadata: merged over ``default_metadata`` (this call's keys win).
         :param timestamp: a ``datetime`` (naive means UTC) or unix seconds, from 1970 to
             9999; now by default.
-        :raises ValueError: for a bad name, value or timestamp, or two metadata keys that
-            would be written as one JSON key (``1`` and ``"1"``).
-        :raises TypeError: for metadata that is not a dict, or a mapping that fails to read.
+        :raises ValueError: for a bad name, value or timestamp, or two metadata keys written
+            as one JSON key (``1`` and ``"1"``); TypeError for metadata that is not a dict.
         """
         state = self._state or self._unconfigured(METRIC)
         if state is None:
@@ -217,17 +192,12 @@ class DXTrack:
         if seq <= 0 or pipeline.metric_waits:
             self._submit(pipeline, METRIC, [body], seqs=[seq])
 
-    def error(
-        self,
-        metadata: Optional[Mapping[str, Any]] = None,
-        exception: Optional[BaseException] = None,
-    ) -> None:
+    def error(self, metadata: Optional[Mapping[str, Any]] = None,
+              exception: Optional[BaseException] = None) -> None:
         """Record the exception being handled (or ``exception``), with its traceback.
 
-        Never raises: it is meant for ``except`` blocks, where an exception of
-        its own would hide the application's. Problems are logged instead, and
-        a record that could not be made is counted in
-        ``stats()["dropped"]["error_failed"]``.
+        Never raises (in an ``except`` block it would hide the application's exception):
+        problems are logged, and a record not made is counted in ``dropped["error_failed"]``.
         """
         try:
             self.record_error(exception, metadata, wait=True)
@@ -238,31 +208,20 @@ class DXTrack:
         except Exception:  # noqa: BLE001 - nothing more can be done from this depth
             pass
 
-    def record_error(
-        self, exception: Optional[BaseException], metadata: Optional[Mapping[str, Any]] = None,
-        *, wait: bool,
-    ) -> None:
-        """``error()`` for the integrations; ``wait=False`` never waits for delivery.
-
-        ``exception`` ``None`` records the one being handled. The logging
-        handler and the excepthooks pass ``wait=False``: a logging call must
-        not hold the handler's lock for ``sync_timeout``, and a traceback must
-        not wait for the network before it is printed. Never raises.
-        """
+    def record_error(self, exception: Optional[BaseException],
+                     metadata: Optional[Mapping[str, Any]] = None, *, wait: bool) -> None:
+        """``error()`` for the integrations; never raises. ``wait=False`` never waits for
+        delivery: the logging handler's lock must not be held for ``sync_timeout``, and a
+        traceback must not wait for the network before it is printed."""
         try:
             exc = exception if exception is not None else sys.exc_info()[1]
             if exc is None:
-                self._log.warning(
-                    "error-without-exception",
-                    "dxtrack.error() was called with no exception being handled; nothing recorded",
-                )
+                self._log.warning("error-without-exception", "dxtrack.error() was called with "
+                                  "no exception being handled; nothing recorded")
                 return
             if not isinstance(exc, BaseException):
-                self._log.warning(
-                    "error-not-exception",
-                    "dxtrack.error(exception=...) needs an exception, got %s; nothing recorded",
-                    type(exc).__name__,
-                )
+                self._log.warning("error-not-exception", "dxtrack.error(exception=...) needs an "
+                                  "exception, got %s; nothing recorded", type(exc).__name__)
                 return
             state = self._state or self._unconfigured(ERROR)
             if state is None:
@@ -273,9 +232,8 @@ class DXTrack:
                 try:
                     return [builder.error(exc, metadata)]
                 except Exception as bad_metadata:  # not a dict, or a mapping that fails to read
-                    self._log.warning(
-                        "error-metadata", "dxtrack.error(): %s; recorded without it", bad_metadata
-                    )
+                    self._log.warning("error-metadata", "dxtrack.error(): %s; recorded without it",
+                                      bad_metadata)
                     return [builder.error(exc, None)]
 
             self._submit(pipeline, ERROR, build, wait=wait)
@@ -284,25 +242,19 @@ class DXTrack:
             # count first, without a call, then log if even that works.
             self._error_failures += 1
             try:
-                self._log.error(
-                    "error-failed", "dxtrack.error() could not record the error", exc_info=True
-                )
+                self._log.error("error-failed", "dxtrack.error() could not record the error",
+                                exc_info=True)
             except Exception:
                 pass  # counted above; nothing else is left to try
 
-    def errors(
-        self, exceptions: Iterable[BaseException], metadata: Optional[Mapping[str, Any]] = None
-    ) -> None:
-        """Record several exceptions at once, each with its traceback when it has one.
+    def errors(self, exceptions: Iterable[BaseException],
+               metadata: Optional[Mapping[str, Any]] = None) -> None:
+        """Record several exceptions at once, each with its traceback when it has one. Raises
+        only for its own bad arguments, before anything is recorded; else as error().
 
-        Raises only for its own bad arguments, before anything is recorded;
-        anything else that goes wrong is logged and counted, as for error().
-
-        :raises TypeError: if ``exceptions`` cannot be iterated over, an item
-            is not an exception, or ``metadata`` is not a dict (or a mapping
-            that cannot be read).
-        :raises ValueError: if two keys of ``metadata`` would be written as
-            the same JSON key (``1`` and ``"1"``).
+        :raises TypeError: for ``exceptions`` that cannot be iterated over or hold a
+            non-exception, or ``metadata`` that is not a dict (or a mapping that fails to read).
+        :raises ValueError: for two ``metadata`` keys written as one JSON key (``1``, ``"1"``).
         """
         lost = 1  # what a failure of this call costs, until the items are known
         try:
@@ -311,14 +263,12 @@ class DXTrack:
             except (RecursionError, MemoryError):
                 raise  # no room left: not the argument's fault (counted below)
             except Exception as exc:
-                raise TypeError(
-                    f"errors() could not iterate over its argument: {type(exc).__name__}: {exc}"
-                ) from exc
+                raise TypeError(f"errors() could not iterate over its argument: "
+                                f"{type(exc).__name__}: {exc}") from exc
             for item in items:
                 if not isinstance(item, BaseException):
                     raise TypeError(
-                        f"errors() takes exceptions, got {type(item).__name__}: {item!r}"
-                    )
+                        f"errors() takes exceptions, got {type(item).__name__}: {item!r}")
             if metadata is not None and not isinstance(metadata, Mapping):
                 raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
             lost = len(items)
@@ -333,34 +283,27 @@ class DXTrack:
         except Exception:  # as in record_error(): count first, without a call, then log
             self._error_failures += lost
             try:
-                self._log.error(
-                    "error-failed", "dxtrack.errors() could not record the errors", exc_info=True
-                )
+                self._log.error("error-failed", "dxtrack.errors() could not record the errors",
+                                exc_info=True)
             except Exception:
                 pass  # counted above
 
-    def _submit(
-        self, pipeline: Pipeline, stream: str,
-        bodies: Union[List[bytes], Callable[[], List[bytes]]], *, wait: bool = True,
-        seqs: Optional[List[int]] = None,
-    ) -> None:
+    def _submit(self, pipeline: Pipeline, stream: str,
+                bodies: Union[List[bytes], Callable[[], List[bytes]]], *, wait: bool = True,
+                seqs: Optional[List[int]] = None) -> None:
         """The one way records enter a pipeline: put ``bodies`` on ``stream``, deal with
-        refusals, then wait for the last one if ``wait`` and the mode say so.
+        refusals (:meth:`_put`), then wait for the last one if ``wait`` and the mode say so.
 
-        ``bodies`` may be a function building them (errors): it runs with SIGINT and
-        SIGTERM held (:func:`~dxtrack.signals.hold_signals`) until the records are
-        queued, never while waiting. ``seqs``: what ``put`` returned already
-        (metric()'s inline put). DROPPED: counted by the buffer, warned here. CLOSED
-        (a concurrent ``configure()`` or ``close()``): handed once to the pipeline in
-        use now, else counted. DEFERRED: queued, with no number to wait for.
+        ``bodies`` may be a function building them (errors): it runs with SIGINT and SIGTERM
+        held until the records are queued, never while waiting. ``seqs``: what ``put``
+        returned already (metric()'s inline put).
         """
         held = callable(bodies)
         if held:
             hold_signals()
         try:
-            pipeline, seqs = self._put(
-                pipeline, stream, bodies() if callable(bodies) else bodies, seqs
-            )
+            built = bodies() if callable(bodies) else bodies
+            pipeline, seqs = self._put(pipeline, stream, built, seqs)
         finally:
             if held:
                 try:
@@ -373,21 +316,19 @@ class DXTrack:
         ):
             pipeline.wait_for(stream, last)
 
-    def _put(
-        self, pipeline: Pipeline, stream: str, bodies: List[bytes], seqs: Optional[List[int]],
-        handed_over: bool = False,
-    ) -> Tuple[Pipeline, List[int]]:
-        """_submit()'s puts; returns the pipeline that took the records and what it returned."""
+    def _put(self, pipeline: Pipeline, stream: str, bodies: List[bytes],
+             seqs: Optional[List[int]], handed_over: bool = False) -> Tuple[Pipeline, List[int]]:
+        """_submit()'s puts; returns the pipeline that took the records and what it returned.
+
+        DROPPED: counted by the buffer, warned here. CLOSED (a concurrent ``configure()`` or
+        ``close()``): handed once to the pipeline in use now, else counted."""
         if seqs is None:  # only the last one wakes the worker: they go out together
             urgent, final = stream == ERROR or pipeline.metric_urgent, len(bodies) - 1
             seqs = [pipeline.put(stream, body, urgent and i == final)
                     for i, body in enumerate(bodies)]
         if DROPPED in seqs:
-            self._log.warning(
-                f"buffer-full:{stream}",
-                "dxtrack's %s buffer is full: records are being dropped (see stats()['dropped'])",
-                stream,
-            )
+            self._log.warning(f"buffer-full:{stream}", "dxtrack's %s buffer is full: records are "
+                              "being dropped (see stats()['dropped'])", stream)
         closed = [body for body, seq in zip(bodies, seqs) if seq == CLOSED]
         state = self._state
         if closed and not handed_over and state is not None:
@@ -416,21 +357,18 @@ class DXTrack:
             return
         explicit = settings.pop("explicit_credentials", False)
         if explicit and settings.get("stage") != "test":
-            self._log.warning(
-                "explicit-keys-not-inherited",
-                "dxtrack: the parent process configured explicit AWS keys, which are never passed "
-                "to child processes; call dxtrack.configure() in the worker (for example with "
-                "Pool(initializer=...)) or provide credentials through a profile, the environment "
-                "or a role",
-            )
+            self._log.warning("explicit-keys-not-inherited", "dxtrack: the parent process "
+                              "configured explicit AWS keys, which are never passed to child "
+                              "processes; call dxtrack.configure() in the worker (for example with "
+                              "Pool(initializer=...)) or provide credentials through a profile, "
+                              "the environment or a role")
             return
         try:
             # Not published again: this process's children inherit the same settings.
             self._use(settings_from_kwargs(settings), publish=False)
         except Exception as exc:
-            self._log.warning(
-                "inherit-failed", "dxtrack could not use the parent process's settings: %s", exc
-            )
+            self._log.warning("inherit-failed",
+                              "dxtrack could not use the parent process's settings: %s", exc)
 
     def _refuse(self, stream: str, closed: bool = False) -> None:
         """Count and log a record nobody will send: ``closed`` when a closed pipeline refused
@@ -444,37 +382,27 @@ class DXTrack:
         self._log.warning(reason, message, stream)
 
     def timer(self, name: str, metadata: Optional[Mapping[str, Any]] = None) -> Timer:
-        """Time a block (``with``) or each call of a function (decorator) as metric ``name``.
+        """Time a block (``with``) or each call of a function (decorator) as metric ``name``:
+        the monotonic seconds, recorded when the block ends, whether it returned or raised.
 
-        The value is the elapsed seconds on a monotonic clock, recorded when
-        the block ends, whether it returned or raised.
-
-        :raises ValueError: for a bad name, at this call.
-        :raises TypeError: for metadata that is not a dict, at this call.
+        :raises ValueError: for a bad name; TypeError for metadata not a dict (at this call).
         """
         return Timer(self, name, metadata, self._clock.monotonic)
 
-    # -- checkpoints -------------------------------------------------------------
     def flush_metrics_buffer(self, timeout: Optional[float] = None) -> bool:
-        """Send everything recorded before this call, on both streams, and wait.
-
-        :param timeout: seconds to wait at most; ``None`` waits until done.
-        :returns: True when all of it was delivered; False when something is
-            still pending at the timeout, or was dropped or failed.
-        """
+        """Send everything recorded before this call, on both streams, and wait at most
+        ``timeout`` seconds (``None``: until done). False when something is still pending at
+        the timeout, or was dropped or failed; True when all of it was delivered."""
         state = self._state
-        if state is None:
-            return True
-        return state[1].flush(timeout)
+        return state[1].flush(timeout) if state is not None else True
 
     flush = flush_metrics_buffer
 
     def close(self, timeout: Optional[float] = None) -> bool:
         """Flush (within ``timeout``, default ``shutdown_timeout``), then stop the worker.
 
-        Idempotent: a later call returns the first call's verdict (waiting for
-        it if that call is still running). Records made after ``close()`` are
-        dropped with a warning until ``configure()`` is called again.
+        Idempotent: a later call returns the first call's verdict (waiting for it if need be).
+        Records made after ``close()`` are dropped with a warning until ``configure()``.
         """
         with self._lock:
             state = self._state
@@ -486,16 +414,13 @@ class DXTrack:
             self._capture.uninstall()
             if self._inherit:
                 inherit.withdraw()
-        if pipeline is None:  # never configured
-            return True
-        return pipeline.close(timeout)  # the pipeline keeps its first verdict
+        # The pipeline keeps its first verdict; a client never configured has nothing to send.
+        return pipeline.close(timeout) if pipeline is not None else True
 
     def stats(self) -> Dict[str, Any]:
-        """Counters since this client was created, summed over its configurations.
-
-        ``enqueued``, ``delivered``, ``pending``, ``failed``, ``retried``,
-        ``batches``, ``dropped`` (a dict by reason) and whatever the sink adds.
-        """
+        """Counters since this client was created, summed over its configurations: ``enqueued``,
+        ``delivered``, ``pending``, ``failed``, ``retried``, ``batches``, ``dropped`` (a dict by
+        reason) and whatever the sink adds."""
         with self._lock:
             pipelines = list(self._pipelines)
             total: Dict[str, Any] = {"dropped": self._refused.counts()}
@@ -528,10 +453,7 @@ class _Tally:
         self._counters: Dict[str, itertools.count[int]] = {}
 
     def add(self, key: str) -> None:
-        counter = self._counters.get(key)
-        if counter is None:
-            counter = self._counters.setdefault(key, itertools.count())
-        next(counter)
+        next(self._counters.get(key) or self._counters.setdefault(key, itertools.count()))
 
     def counts(self) -> Dict[str, int]:
         # repr() of an itertools.count is "count(N)", N its next value: how many were added.
@@ -539,24 +461,16 @@ class _Tally:
 
 
 def _check_profile(config: Config, from_environment: bool) -> None:
-    """Refuse a ``profile_name`` that the AWS config files do not define.
-
-    boto3 would say so only when the worker first sends, and every record
-    would then fail while the job carries on. Only for the stages that send to
-    Firehose, and only when no explicit keys (which win over a profile) are given.
-
-    :raises ConfigurationError: naming the profile, the files and the profiles they define.
-    """
+    """Refuse a ``profile_name`` the AWS config files do not define, naming the profiles they
+    do: boto3 would say so only at the first send, and every record would then fail."""
     if config.profile_name is None:
         return
     import botocore.exceptions
     import botocore.session
 
     session = botocore.session.Session()
-    files = ", ".join(
-        os.path.expanduser(str(session.get_config_variable(name)))
-        for name in ("config_file", "credentials_file")
-    )
+    files = ", ".join(os.path.expanduser(str(session.get_config_variable(name)))
+                      for name in ("config_file", "credentials_file"))
     try:
         known = session.available_profiles
     except botocore.exceptions.BotoCoreError as exc:  # a file that does not parse

@@ -1,9 +1,8 @@
 """The validated, immutable settings of a dxtrack client, each option defined once.
 
-Each field of :class:`Config` is an option: a type, a default and an :class:`Option`
-(its check; secret or not; read from ``DXTRACK_<OPTION>``, passed to child processes,
-a flag of the ``dxtrack`` command or not), from which the rest is derived. All
-validation happens here, once, so that the hot path (``metric()``) trusts its settings.
+Each field of :class:`Config` is an option (type, default, :class:`Option`); the environment
+variables, children's settings and command-line flags are derived from it. All validation
+happens here, once, so that the hot path (``metric()``) trusts its settings.
 """
 
 from __future__ import annotations
@@ -26,9 +25,6 @@ __all__ = [
 ]
 
 STAGES = ("test", "dev", "prod")
-TIMESTAMP_FORMATS = ("unix", "datetime")
-TEST_OUTPUTS = ("file", "print")
-ON_FULL_POLICIES = ("drop_newest", "drop_oldest", "block")
 
 #: Region used when neither ``region_name`` nor the AWS session names one.
 DEFAULT_REGION = "eu-west-1"
@@ -97,12 +93,8 @@ def _option(
     default: Any = MISSING, check: Check = _text, *, factory: Any = MISSING,
     secret: bool = False, env: bool = True, children: bool = True, flag: Optional[Flag] = None,
 ) -> Any:
-    """A field of :class:`Config`: one option, defined once.
-
-    A secret is neither read from the environment nor passed to children. An
-    option whose default is ``None`` may be left ``None``: ``check`` sees only
-    the values given.
-    """
+    """A field of :class:`Config`. A secret is neither read from the environment nor passed to
+    children; an option whose default is ``None`` may be left ``None`` (not checked)."""
     if secret:
         check = functools.partial(_text, secret=True)
     option = Option(check, secret, env and not secret, children and not secret, flag)
@@ -119,23 +111,19 @@ def _must(test: Callable[[Any], bool], what: str) -> Check:
     return check
 
 
-def _choice(allowed: Tuple[str, ...]) -> Check:
+def _choice(*allowed: str) -> Check:
     return _must(lambda value: value in allowed, f"be one of {', '.join(map(repr, allowed))}")
 
 
 def _whole(minimum: int, maximum: Optional[int] = None) -> Check:
     bound = f"from {minimum:,} to {maximum:,}" if maximum else f"of at least {minimum:,}"
-    return _must(
-        lambda value: isinstance(value, int) and not isinstance(value, bool)
-        and minimum <= value <= (maximum or value), f"be a whole number {bound}",
-    )
+    return _must(lambda value: isinstance(value, int) and not isinstance(value, bool)
+                 and minimum <= value <= (maximum or value), f"be a whole number {bound}")
 
 
 _flag = _must(lambda value: isinstance(value, bool), "be True or False")
-_seconds = _must(
-    lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)
-    and math.isfinite(value) and value >= 0, "be a number of seconds >= 0",
-)
+_seconds = _must(lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)
+                 and math.isfinite(value) and value >= 0, "be a number of seconds >= 0")
 _path = _must(lambda value: isinstance(value, (str, os.PathLike)) and bool(os.fspath(value)),
               "be a non-empty path")
 
@@ -148,16 +136,14 @@ def _hostport(value: Any) -> bool:
 def _label(name: str, value: Any) -> None:
     _text(name, value)
     if len(value) > MAX_LABEL_CHARS:  # in every record: keep them small
-        raise ConfigurationError(
-            f"{name} must be at most {MAX_LABEL_CHARS:,} characters", option=name
-        )
+        raise ConfigurationError(f"{name} must be at most {MAX_LABEL_CHARS:,} characters",
+                                 option=name)
 
 
 def _metadata(name: str, value: Any) -> Dict[str, Any]:
     if value is not None and not isinstance(value, Mapping):
-        raise ConfigurationError(
-            f"{name} must be a dict or None, got {type(value).__name__}", option=name
-        )
+        raise ConfigurationError(f"{name} must be a dict or None, got {type(value).__name__}",
+                                 option=name)
     # A private snapshot: later changes to the caller's dict change nothing.
     return _snapshot({} if value is None else value)
 
@@ -209,15 +195,11 @@ def _sink(name: str, value: Any) -> None:
 
 @dataclass(frozen=True)
 class Config:
-    """Settings of one client. Build it with keywords; it validates itself.
+    """Settings of one client, each field an option (:func:`_option`); built with keywords,
+    it validates itself. The ``repr`` shows no secret (``'***'``) and only the last four
+    characters of the access key id."""
 
-    Each field is an option, defined once (see :func:`_option`); ``configure()``
-    takes each by keyword. The ``repr`` never shows a secret: the secret key and
-    session token are replaced by ``'***'`` and the access key id is cut to its
-    last four characters.
-    """
-
-    stage: str = _option(check=_choice(STAGES), flag=Flag("--stage", None, "the stage",
+    stage: str = _option(check=_choice(*STAGES), flag=Flag("--stage", None, "the stage",
                                                           choices=STAGES))
     context: str = _option(check=_label, flag=Flag("--context", "NAME",
                                                    "name of the job, in every record"))
@@ -248,13 +230,13 @@ class Config:
     #: In the main process, flush and exit with status 143 on a SIGTERM left at its default.
     handle_sigterm: bool = _option(True, _flag)
     # Record format and stage 'test' output.
-    timestamp_format: str = _option("unix", _choice(TIMESTAMP_FORMATS))
+    timestamp_format: str = _option("unix", _choice("unix", "datetime"))
     output_dir: Union[str, os.PathLike[str]] = _option("./.dxtrack_output", _path)
-    test_output: str = _option("file", _choice(TEST_OUTPUTS))
+    test_output: str = _option("file", _choice("file", "print"))
     # The pipeline.
     max_buffer_records: int = _option(DEFAULT_MAX_BUFFER_RECORDS, _whole(1))
     max_buffer_bytes: int = _option(DEFAULT_MAX_BUFFER_BYTES, _whole(FIREHOSE_MAX_RECORD_BYTES))
-    on_full: str = _option("drop_newest", _choice(ON_FULL_POLICIES))
+    on_full: str = _option("drop_newest", _choice("drop_newest", "drop_oldest", "block"))
     block_timeout: float = _option(DEFAULT_BLOCK_TIMEOUT, _seconds)
     flush_interval: float = _option(DEFAULT_FLUSH_INTERVAL, _seconds)
     shutdown_timeout: float = _option(DEFAULT_SHUTDOWN_TIMEOUT, _seconds)
@@ -272,10 +254,8 @@ class Config:
             if checked is not None:
                 object.__setattr__(self, f.name, checked)
         if (self.aws_access_key_id is None) != (self.aws_secret_access_key is None):
-            raise ConfigurationError(
-                "aws_access_key_id and aws_secret_access_key must be given together",
-                option="aws_secret_access_key",
-            )
+            raise ConfigurationError("aws_access_key_id and aws_secret_access_key must be given "
+                                     "together", option="aws_secret_access_key")
 
     def stream_name(self, stream: str) -> str:
         """The Firehose delivery stream that receives ``stream`` ('metric' or 'error')."""
@@ -283,12 +263,9 @@ class Config:
         return override or f"dxtrack-{stream}-input-{self.stage}"
 
     def for_children(self) -> Dict[str, Any]:
-        """The settings a child process may adopt: no secret, no credentials, no sink.
-
-        ``output_dir`` is made absolute (a child may start elsewhere), and
-        ``explicit_credentials`` says whether keys were given, which a child
-        does not get.
-        """
+        """The settings a child process may adopt: no secret, no credentials, no sink;
+        ``output_dir`` absolute (a child may start elsewhere), and ``explicit_credentials``
+        saying whether keys (which a child does not get) were given."""
         settings = {f.name: getattr(self, f.name) for f in fields(self)
                     if f.metadata["option"].children}
         settings["output_dir"] = os.path.abspath(os.fspath(self.output_dir))
@@ -315,15 +292,11 @@ class Config:
 OPTIONS: Dict[str, Option] = {f.name: f.metadata["option"] for f in fields(Config)}
 
 
-def settings_from_kwargs(
-    kwargs: Dict[str, Any], environ: Optional[Mapping[str, str]] = None
-) -> Config:
-    """Build a Config, turning an unknown keyword into a clear error.
-
-    With ``environ`` (``os.environ`` for ``configure()``), ``DXTRACK_<OPTION>``
-    variables supply the options ``kwargs`` leaves out or sets to ``None``;
-    an error about a value taken from a variable names the variable.
-    """
+def settings_from_kwargs(kwargs: Dict[str, Any],
+                         environ: Optional[Mapping[str, str]] = None) -> Config:
+    """Build a Config, turning an unknown keyword into a clear error. With ``environ``,
+    ``DXTRACK_<OPTION>`` variables supply the options ``kwargs`` leaves out or sets to
+    ``None``, and an error about a value taken from a variable names the variable."""
     unknown = sorted(set(kwargs) - set(OPTIONS))
     if unknown:
         raise TypeError(f"configure() got unexpected keyword argument(s): {', '.join(unknown)}")
@@ -335,15 +308,13 @@ def settings_from_kwargs(
         kwargs = {**{k: v for k, v in kwargs.items() if v is not None}, **from_env}
         for option in ("stage", "context", "run_id"):
             if kwargs.get(option) is None:
-                raise TypeError(
-                    f"configure() needs {option}: pass {option}=... or set {variable_for(option)}"
-                )
+                raise TypeError(f"configure() needs {option}: pass {option}=... "
+                                f"or set {variable_for(option)}")
     try:
         return Config(**kwargs)
     except ConfigurationError as exc:
         if exc.option not in sources:
             raise
         variable = sources[exc.option]
-        raise ConfigurationError(
-            f"{variable} (from the environment): {exc}", option=exc.option
-        ) from None
+        raise ConfigurationError(f"{variable} (from the environment): {exc}",
+                                 option=exc.option) from None

@@ -1,18 +1,9 @@
 """``make demo``: a scraper-like job reporting through dxtrack, end to end.
 
-Stage ``dev`` (the default) starts an embedded moto server on 127.0.0.1 that
-plays Amazon Data Firehose and S3, creates the bucket and both delivery
-streams, runs the job in a pool of worker processes against it, then reads the
-S3 objects back and compares them with what the workers emitted. No AWS
-account is involved and nothing leaves the machine. Stage ``test`` runs the
-same job writing local JSON-lines files.
-
-The workers use the ready-made ``dxtrack`` client, configured once in the
-parent: forked children inherit it, spawned ones adopt its settings, and each
-worker's records are flushed when the pool ends it.
-
-    python -m dxtrack.demo [--stage dev|test] [--shops N] [--pages N] [--workers N]
-                           [--start-method fork|spawn|forkserver]
+Stage ``dev`` (the default) runs the job in a pool of worker processes against an embedded moto
+server playing Firehose and S3 (no AWS account, nothing leaves the machine), then reads the S3
+objects back and checks that every record landed once; stage ``test`` writes local files. The
+workers use the ready-made ``dxtrack``, configured once in the parent (children inherit it).
 """
 
 from __future__ import annotations
@@ -26,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import orjson
@@ -73,10 +65,6 @@ def scrape(shops: List[int], pages: int) -> Dict[str, int]:
     return emitted
 
 
-def _scrape_task(task: Tuple[List[int], int]) -> Dict[str, int]:
-    return scrape(*task)
-
-
 def _start_firehose() -> Tuple[Any, str]:
     """An embedded moto server with the bucket and the two dev streams."""
     try:
@@ -93,23 +81,15 @@ def _start_firehose() -> Tuple[Any, str]:
 
 
 def create_landing(
-    url: str,
-    *,
-    bucket: str = BUCKET,
-    stage: str = "dev",
-    region: str = REGION,
-    credentials: Optional[Dict[str, Any]] = None,
-    streams: Sequence[str] = ("metric", "error"),
+    url: str, *, bucket: str = BUCKET, stage: str = "dev", region: str = REGION,
+    credentials: Optional[Dict[str, Any]] = None, streams: Sequence[str] = ("metric", "error"),
 ) -> None:
-    """Create ``bucket`` and the stage's delivery streams into it (prefix ``<stream>/``).
-
-    For a moto server at ``url``: the demo, the tests and the benchmarks all use it.
-    """
+    """Create ``bucket`` and the stage's delivery streams into it (prefix ``<stream>/``) on the
+    moto server at ``url``: the demo, the tests and the benchmarks all use it."""
     import boto3
 
-    options: Dict[str, Any] = dict(
-        region_name=region, endpoint_url=url, **(credentials or CREDENTIALS)
-    )
+    options: Dict[str, Any] = dict(region_name=region, endpoint_url=url,
+                                   **(credentials or CREDENTIALS))
     boto3.client("s3", **options).create_bucket(
         Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": region}
     )
@@ -142,15 +122,10 @@ def _landed(url: str) -> Dict[str, List[bytes]]:
 
 
 def _local(output_dir: str) -> Dict[str, List[bytes]]:
-    found: Dict[str, List[bytes]] = {}
-    for stream in ("metric", "error"):
-        path = os.path.join(output_dir, f"{stream}.jsonl")
-        try:
-            with open(path, "rb") as lines:
-                found[stream] = lines.read().splitlines()
-        except FileNotFoundError:  # a small run may record no error at all
-            found[stream] = []
-    return found
+    """Every line in the output files, per stream (a small run may record no error at all)."""
+    paths = {stream: Path(output_dir, f"{stream}.jsonl") for stream in ("metric", "error")}
+    return {stream: p.read_bytes().splitlines() if p.exists() else []
+            for stream, p in paths.items()}
 
 
 def run(stage: str = "dev", shops: int = 40, pages: int = 500, workers: int = 4,
@@ -158,76 +133,78 @@ def run(stage: str = "dev", shops: int = 40, pages: int = 500, workers: int = 4,
     """Run the demo; prints a report and returns whether every record landed once."""
     out = out or sys.stdout
     server: Optional[Any] = None
+    url = ""
     scratch = tempfile.mkdtemp(prefix="dxtrack-demo-")
-    run_id = time.strftime("%Y%m%dT%H%M%S")
     try:
         if stage == "dev":
             server, url = _start_firehose()
-            # Credentials through the environment, where worker processes find them too
-            # (explicit keys given to configure() are never passed to children).
-            os.environ["AWS_ACCESS_KEY_ID"] = CREDENTIALS["aws_access_key_id"]
-            os.environ["AWS_SECRET_ACCESS_KEY"] = CREDENTIALS["aws_secret_access_key"]
-            dxtrack.configure(
-                stage="dev", context="demo-scraper", run_id=run_id,
-                default_metadata={"host": "demo"}, use_async_requests=True,
-                endpoint_url=url, region_name=REGION,
-            )
-            where = f"an embedded Firehose (moto) at {url}"
-        else:
-            dxtrack.configure(
-                stage="test", context="demo-scraper", run_id=run_id,
-                default_metadata={"host": "demo"}, use_async_requests=True, output_dir=scratch,
-            )
-            where = f"local files in {scratch}"
+        where = _configure(stage, url, scratch)
         context = multiprocessing.get_context(start_method)
-        method = context.get_start_method()
         print(f"dxtrack demo: {shops} shops x {pages} pages in {workers} worker processes "
-              f"({method}), reporting to {where}", file=out)
-        tasks = [(list(range(shops))[w::workers], pages) for w in range(workers)]
-        started = time.perf_counter()
-        # `with` ends the pool with terminate(): dxtrack flushes each worker on its way out.
-        with context.Pool(workers) as pool:
-            results = pool.map(_scrape_task, tasks, chunksize=1)
-        emitted = {stream: sum(r[stream] for r in results) for stream in ("metric", "error")}
-        elapsed = time.perf_counter() - started
+              f"({context.get_start_method()}), reporting to {where}", file=out)
+        emitted, elapsed = _scrape_in_pool(context, shops, pages, workers)
         found = _landed(url) if stage == "dev" else _local(scratch)
-        s3_objects = found.pop("objects", [])
-        ids = [orjson.loads(line)["id"] for lines in found.values() for line in lines]
-
-        rows = [
-            ("metrics emitted / found", f"{emitted['metric']:,} / {len(found['metric']):,}"),
-            ("errors emitted / found", f"{emitted['error']:,} / {len(found['error']):,}"),
-            ("duplicates (by id)", f"{len(ids) - len(set(ids)):,}"),
-            ("elapsed, pool start to all delivered", f"{elapsed:.2f} s"),
-        ]
-        if stage == "dev":
-            data = sum(len(line) + 1 for lines in found.values() for line in lines)
-            rows += [
-                ("PutRecordBatch calls (= S3 objects)", f"{len(s3_objects):,}"),
-                ("bytes landed in S3", f"{data:,}"),
-                ("Firehose records if unpacked", f"{len(ids):,}"),
-            ]
-        width = max(len(label) for label, _ in rows)
-        for label, value in rows:
-            print(f"  {label:<{width}}  {value}", file=out)
-        print("sample lines:", file=out)
-        for stream in ("metric", "error"):
-            for line in found[stream][:2]:
-                text = line.decode()
-                print(f"  {text[:160]}{' ...' if len(text) > 160 else ''}", file=out)
-        ok = (
-            len(found["metric"]) == emitted["metric"]
-            and len(found["error"]) == emitted["error"]
-            and len(ids) == len(set(ids))
-        )
-        verdict = "every record landed exactly once" if ok else "RECORDS MISSING OR DUPLICATED"
-        print(verdict, file=out)
-        return ok
+        return _report(emitted, found, elapsed, out)
     finally:
         dxtrack.close(timeout=10)
         if server is not None:
             server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _configure(stage: str, url: str, scratch: str) -> str:
+    """Configure the ready-made client for the job; returns where its records go."""
+    settings: Dict[str, Any] = dict(context="demo-scraper", run_id=time.strftime("%Y%m%dT%H%M%S"),
+                                    default_metadata={"host": "demo"}, use_async_requests=True)
+    if stage != "dev":
+        dxtrack.configure(stage="test", output_dir=scratch, **settings)
+        return f"local files in {scratch}"
+    # Credentials through the environment, where worker processes find them too
+    # (explicit keys given to configure() are never passed to children).
+    os.environ["AWS_ACCESS_KEY_ID"] = CREDENTIALS["aws_access_key_id"]
+    os.environ["AWS_SECRET_ACCESS_KEY"] = CREDENTIALS["aws_secret_access_key"]
+    dxtrack.configure(stage="dev", endpoint_url=url, region_name=REGION, **settings)
+    return f"an embedded Firehose (moto) at {url}"
+
+
+def _scrape_in_pool(context: Any, shops: int, pages: int,
+                    workers: int) -> Tuple[Dict[str, int], float]:
+    """Scrape the shops in a pool of ``workers``; returns the records emitted and the seconds."""
+    tasks = [(list(range(shops))[w::workers], pages) for w in range(workers)]
+    started = time.perf_counter()
+    # `with` ends the pool with terminate(): dxtrack flushes each worker on its way out.
+    with context.Pool(workers) as pool:
+        results = pool.starmap(scrape, tasks, chunksize=1)
+    emitted = {stream: sum(r[stream] for r in results) for stream in ("metric", "error")}
+    return emitted, time.perf_counter() - started
+
+
+def _report(emitted: Dict[str, int], found: Dict[str, List[bytes]], elapsed: float,
+            out: Any) -> bool:
+    """Print what was emitted and found, and sample lines; returns whether all landed once."""
+    s3_objects = found.pop("objects", None)  # only from S3 (stage dev)
+    ids = [orjson.loads(line)["id"] for lines in found.values() for line in lines]
+    rows = [
+        ("metrics emitted / found", f"{emitted['metric']:,} / {len(found['metric']):,}"),
+        ("errors emitted / found", f"{emitted['error']:,} / {len(found['error']):,}"),
+        ("duplicates (by id)", f"{len(ids) - len(set(ids)):,}"),
+        ("elapsed, pool start to all delivered", f"{elapsed:.2f} s"),
+    ]
+    if s3_objects is not None:
+        data = sum(len(line) + 1 for lines in found.values() for line in lines)
+        rows += [("PutRecordBatch calls (= S3 objects)", f"{len(s3_objects):,}"),
+                 ("bytes landed in S3", f"{data:,}"),
+                 ("Firehose records if unpacked", f"{len(ids):,}")]
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"  {label:<{width}}  {value}", file=out)
+    print("sample lines:", file=out)
+    for line in found["metric"][:2] + found["error"][:2]:
+        text = line.decode()
+        print(f"  {text[:160]}{' ...' if len(text) > 160 else ''}", file=out)
+    ok = len(ids) == len(set(ids)) and all(len(found[s]) == emitted[s] for s in emitted)
+    print("every record landed exactly once" if ok else "RECORDS MISSING OR DUPLICATED", file=out)
+    return ok
 
 
 def main(argv: Optional[List[str]] = None, prog: str = "python -m dxtrack.demo") -> int:

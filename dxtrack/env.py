@@ -1,15 +1,7 @@
 """Defaults for ``configure()`` from ``DXTRACK_<OPTION>`` environment variables.
 
-Every option that :class:`~dxtrack.config.Config` marks ``env`` (all but the
-credentials and ``sink``) can come from the environment, which suits jobs
-started by a scheduler or a container: ``DXTRACK_STAGE=prod`` and so on. The
-text is read as the option's type. An argument passed to ``configure()``
-always wins over its variable. An empty variable counts as unset. A value that
-does not parse, or that ``Config`` refuses, is a
-:class:`~dxtrack.exceptions.ConfigurationError` (a ValueError) naming the variable.
-
-Secrets are never read from ``DXTRACK_*``: AWS keys come from the usual
-``AWS_*`` variables, which boto3 reads itself.
+Each option :class:`~dxtrack.config.Config` marks ``env`` is read from its variable, parsed as
+the option's type; the rules for users are in docs/environment.md.
 """
 
 from __future__ import annotations
@@ -37,18 +29,14 @@ def _flag(value: str) -> bool:
     raise ValueError("must be one of 1/true/yes/on or 0/false/no/off")
 
 
-def _whole(value: str) -> int:
-    try:
-        return int(value.strip().replace("_", ""))
-    except ValueError:
-        raise ValueError("must be a whole number") from None
+def _number(convert: Callable[[str], Any], what: str) -> Callable[[str], Any]:
+    def parse(value: str) -> Any:
+        try:
+            return convert(value.strip())
+        except ValueError:
+            raise ValueError(f"must be {what}") from None
 
-
-def _seconds(value: str) -> float:
-    try:
-        return float(value.strip())
-    except ValueError:
-        raise ValueError("must be a number of seconds") from None
+    return parse
 
 
 def _json_object(value: str) -> Dict[str, Any]:
@@ -63,7 +51,8 @@ def _json_object(value: str) -> Dict[str, Any]:
 
 #: A variable's text is read as its option's type (the annotation on Config); else as text.
 _PARSERS: Dict[str, Callable[[str], Any]] = {
-    "bool": _flag, "int": _whole, "float": _seconds, "Mapping[str, Any]": _json_object,
+    "bool": _flag, "int": _number(lambda text: int(text.replace("_", "")), "a whole number"),
+    "float": _number(float, "a number of seconds"), "Mapping[str, Any]": _json_object,
 }
 
 #: Option name -> parser of its variable's text, for the options Config marks ``env``.
@@ -80,11 +69,8 @@ def variable_for(option: str) -> str:
 def environment_defaults(
     explicit: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None
 ) -> Tuple[Dict[str, Any], Dict[str, str]]:
-    """The options the environment supplies, for those ``explicit`` does not set.
-
-    Returns ``(options, sources)``: ``sources`` maps each option taken from
-    the environment to its variable's name, so a later validation error can
-    name the variable.
+    """``(options, sources)``: the options the environment supplies where ``explicit`` sets
+    none, and the variable each came from (a later error names it).
 
     :raises ConfigurationError: for a variable whose text does not parse.
     """
@@ -106,8 +92,7 @@ def environment_defaults(
     return options, sources
 
 
-def unknown_variables(environ: Optional[Mapping[str, str]] = None) -> Set[str]:
+def unknown_variables() -> Set[str]:
     """``DXTRACK_*`` variables that name no option (a typo, most likely)."""
-    environ = os.environ if environ is None else environ
     known = {variable_for(option) for option in ENV_OPTIONS}
-    return {name for name in environ if name.startswith(ENV_PREFIX) and name not in known}
+    return {name for name in os.environ if name.startswith(ENV_PREFIX) and name not in known}
