@@ -28,6 +28,7 @@ __all__ = ["DXTrack"]
 
 _State = Tuple[RecordBuilder, Pipeline]
 
+
 class DXTrack:
     """A dxtrack client; instances share no state. ``from dxtrack import dxtrack`` gives one.
     :meth:`record_error` and :attr:`log` are for the integrations, not for applications.

@@ -14,6 +14,7 @@ Three ways out, three hooks, each set up once per process by :func:`prepare`:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import threading
 import time
 import weakref
@@ -71,7 +72,7 @@ def prepare(handle_sigterm: bool) -> None:
             if signals.in_child_process():
                 from multiprocessing import util
 
-                util.Finalize(None, _close_at_child_exit, exitpriority=100)
+                util.Finalize(None, close_all, exitpriority=100)
         if not _handler and on_main_thread and handle_sigterm:
             _handler = True
             signals.install_sigterm_handler(_grace, close_all, _unsent)
@@ -93,15 +94,8 @@ def close_all() -> None:
     deadline = time.monotonic() + max(p.config.shutdown_timeout for p in pipelines)
     for pipeline in pipelines:
         remaining = min(pipeline.config.shutdown_timeout, deadline - time.monotonic())
-        try:
+        with contextlib.suppress(Exception):  # never let exit fail because of telemetry
             pipeline.close(max(0.0, remaining))
-        except Exception:  # pragma: no cover - never let exit fail because of telemetry
-            pass
-
-
-def _close_at_child_exit() -> None:
-    signals.mark_exiting()
-    close_all()
 
 
 def _grace() -> float:

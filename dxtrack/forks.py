@@ -34,15 +34,10 @@ def register(obj: Any) -> None:
 def _after_fork_in_child() -> None:
     signals.after_fork_in_child()
     exits.after_fork_in_child()
-    for number in sorted(_registered.keys()):
-        obj = _registered.get(number)
-        if obj is not None:
-            obj.after_fork_in_child()
+    for _, obj in sorted(_registered.items(), key=lambda item: item[0]):  # creation order
+        obj.after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=signals.before_fork,
-        after_in_parent=signals.after_fork_in_parent,
-        after_in_child=_after_fork_in_child,
-    )
+    os.register_at_fork(before=signals.before_fork, after_in_parent=signals.after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)

@@ -1,18 +1,13 @@
-"""Settings for child processes that import the program afresh (spawn, forkserver).
+"""Settings handed to child processes that import the program afresh (spawn, forkserver).
 
-Such a child did not run the ``configure()`` under ``if __name__ ==
-"__main__":``. So the ready-made client, when configured, hands its
-non-secret settings (:meth:`~dxtrack.config.Config.for_children`, as JSON) to
-every ``multiprocessing`` process started from then on, and an unconfigured
-client in a child adopts them on its first record.
-
-They travel with the process object itself: ``multiprocessing`` copies the
-parent's ``current_process()._config`` into each new process object and hands
-it to the child, whatever the start method, and even through a forkserver
-started before ``configure()``, which keeps the environment it was started
-with (test_processes: ``test_forkserver_children_see_the_latest_configure``).
-Nothing is written to a file or to ``os.environ``, so nothing is left behind
-when the process is killed, and a child's own children inherit the same.
+The ready-made client, when configured, puts its non-secret settings
+(:meth:`~dxtrack.config.Config.for_children`, as JSON) in ``multiprocessing``'s
+per-process settings (``current_process()._config``), which every process
+started from then on copies and its child receives, whatever the start method,
+even through a forkserver started before ``configure()`` (test_processes:
+``test_forkserver_children_see_the_latest_configure``). An unconfigured client
+in a child adopts them on first use. No file, no ``os.environ``: nothing is
+left behind by ``kill -9`` (``TestNothingLeftBehind``). See docs/processes.md.
 """
 
 from __future__ import annotations
@@ -31,9 +26,9 @@ KEY = "dxtrack_settings"
 
 
 def _process_config() -> Optional[Dict[str, Any]]:
-    from multiprocessing import process
+    from multiprocessing import current_process  # only once settings are handed on or read
 
-    config = getattr(process.current_process(), "_config", None)
+    config = getattr(current_process(), "_config", None)
     return config if isinstance(config, dict) else None
 
 
@@ -57,10 +52,5 @@ def inherited() -> Optional[Dict[str, Any]]:
     """The settings a parent handed to this child process; None elsewhere."""
     settings = _process_config() if in_child_process() else None
     published = settings.get(KEY) if settings is not None else None
-    if not isinstance(published, bytes):
-        return None
-    try:
-        found = orjson.loads(published)
-    except orjson.JSONDecodeError:
-        return None
+    found = orjson.loads(published) if isinstance(published, bytes) else None
     return found if isinstance(found, dict) else None

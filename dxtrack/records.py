@@ -71,11 +71,9 @@ class RecordBuilder:
             try:
                 _serialize_leniently(self._default, check_keys=self._default)
             except ValueError as exc:
-                raise ConfigurationError(
-                    f"default_metadata: {exc}", option="default_metadata"
-                ) from None
+                raise ConfigurationError(f"default_metadata: {exc}",
+                                         option="default_metadata") from None
 
-    # -- metrics -----------------------------------------------------------
     def metric(self, name: str, value: Any, metadata: Optional[Mapping[str, Any]] = None,
                timestamp: Any = None) -> bytes:
         """Validate one metric and return its open body (no id, no closing brace)."""
@@ -107,7 +105,6 @@ class RecordBuilder:
                 "metadata")
         return body[:-1]
 
-    # -- errors ------------------------------------------------------------
     def error(self, exc: BaseException, metadata: Optional[Mapping[str, Any]] = None) -> bytes:
         """Serialize one error record, open; oversized text is cut (and marked) to fit."""
         exception = {"type": exception_type_name(exc), "value": _safe_str(exc),
@@ -125,7 +122,6 @@ class RecordBuilder:
             body = _shrink_error(record, len(body) - self._max_body, self._max_body)
         return body[:-1]
 
-    # -- shared pieces -----------------------------------------------------
     def _merge(self, metadata: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
         if metadata is None:
             return self._default
