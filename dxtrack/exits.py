@@ -31,19 +31,14 @@ __all__ = ["after_fork_in_child", "close_all", "prepare", "track", "untrack"]
 
 _live: weakref.WeakSet[Pipeline] = weakref.WeakSet()
 _lock = threading.Lock()
-_at_exit = False     # the atexit hook is registered (inherited by a forked child)
 _finalizer = False   # this process registered its child-exit finalizer
 _handler = False     # this process installed (or declined to install) the SIGTERM handler
 
 
 def track(pipeline: Pipeline) -> None:
     """Flush ``pipeline`` when the process ends, until :func:`untrack`."""
-    global _at_exit
     with _lock:
         _live.add(pipeline)
-        if not _at_exit:
-            _at_exit = True
-            atexit.register(close_all)
 
 
 def untrack(pipeline: Pipeline) -> None:
@@ -112,3 +107,8 @@ def _unsent() -> str:
             counts[name] += count
     return (f"{quantity(counts[METRIC], METRIC)} and {quantity(counts[ERROR], ERROR)} "
             "were not delivered")
+
+
+# At import, not at the first configure(): atexit runs its hooks last-registered first, and a
+# hook the program registered before configure() may still record (test_exit).
+atexit.register(close_all)

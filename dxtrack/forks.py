@@ -12,6 +12,7 @@ held by another thread at fork time (test_processes: ``TestForkKeepsParentAndChi
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import weakref
@@ -35,7 +36,8 @@ def _after_fork_in_child() -> None:
     signals.after_fork_in_child()
     exits.after_fork_in_child()
     for _, obj in sorted(_registered.items(), key=lambda item: item[0]):  # creation order
-        obj.after_fork_in_child()
+        with contextlib.suppress(Exception):  # one that fails must not keep the others back
+            obj.after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):

@@ -3,7 +3,7 @@
 The ready-made client, when configured, puts its non-secret settings
 (:meth:`~dxtrack.config.Config.for_children`, as JSON) in ``multiprocessing``'s
 per-process settings (``current_process()._config``), which every process
-started from then on copies and its child receives, whatever the start method,
+created from then on copies and its child receives, whatever the start method,
 even through a forkserver started before ``configure()`` (test_processes:
 ``test_forkserver_children_see_the_latest_configure``). An unconfigured client
 in a child adopts them on first use. No file, no ``os.environ``: nothing is

@@ -71,7 +71,6 @@ class Pipeline:
         self._close_lock = threading.Lock()
         self._closing: Optional[threading.Event] = None  # the close under way; set when done
 
-    # -- the caller's path ---------------------------------------------------
     def wait_for(self, stream: str, seq: int) -> bool:
         """Block until record ``seq`` of ``stream`` is settled, at most ``sync_timeout``. Not
         at all while the sink is failing (the record waits for its retries, the caller goes on),
@@ -115,7 +114,6 @@ class Pipeline:
             if self.buffer.worker_ended():  # records were left waiting: a new worker
                 self._start_worker()
 
-    # -- checkpoints -----------------------------------------------------------
     def flush(self, timeout: Optional[float]) -> bool:
         """Send everything accepted so far and wait at most ``timeout`` real seconds.
 
@@ -204,7 +202,6 @@ class Pipeline:
         worker = Worker(self.buffer, self.sink, retry_deadline=0.0, log=self.log, retry=self.retry)
         worker.run(None if timeout is None else time.monotonic() + timeout)
 
-    # -- introspection and process events ----------------------------------------
     def finished(self) -> bool:
         """Closed, with no worker left: its counters will not change again."""
         return self._closed_ok is not None and not self.buffer.worker_running
@@ -217,9 +214,13 @@ class Pipeline:
         return snapshot
 
     def after_fork_in_child(self) -> None:
-        """The parent's queue, locks and thread are the parent's: start afresh."""
+        """The parent's queue, locks and thread are the parent's: start afresh (a closed
+        pipeline stays closed). The log too: a pipeline may outlive the client that shares it."""
         self.buffer.after_fork_in_child()
+        if self._closed_ok is not None:
+            self.buffer.stop()
         self._reset()
+        self.log.after_fork_in_child()
         self.sink.after_fork()
         if self.copies is not None:
             self.copies.after_fork_in_child()

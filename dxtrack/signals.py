@@ -65,7 +65,6 @@ def _on_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-# -- fork (called by dxtrack.forks) ----------------------------------------------------
 def before_fork() -> None:
     """Keep a SIGTERM away from the child until it has set SIGTERM back to its default."""
     if _CAN_MASK and isinstance(signal.getsignal(signal.SIGTERM), _UnwindOnSigterm):
@@ -118,7 +117,6 @@ def after_fork_in_child() -> None:
             pass
 
 
-# -- signals around dxtrack's own work ---------------------------------------------------
 def mark_exiting() -> None:
     """The process is on its way out and flushing: a SIGTERM now changes nothing."""
     global _exiting
@@ -154,7 +152,6 @@ def block_signals_in_this_thread() -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
 
 
-# -- SIGTERM -----------------------------------------------------------------------------
 def install_sigterm_handler(
     grace: Callable[[], float], close_all: Callable[[], None], unsent: Callable[[], str]
 ) -> None:

@@ -22,7 +22,7 @@ from ._logging import RateLimitedLog
 from .buffer import StreamBuffer
 from .records import ERROR, finalize
 from .signals import block_signals_in_this_thread
-from .sinks.base import SendResult, Sink
+from .sinks.base import DELIVERED, SendResult, Sink
 
 __all__ = ["DEFAULT_RETRY", "RetryPolicy", "Worker", "in_delivery_thread", "quantity"]
 
@@ -148,9 +148,10 @@ class Worker:
 
 def _send_once(sink: Sink, stream: str, lines: Sequence[bytes]) -> SendResult:
     try:
-        return sink.send(stream, lines)
+        result = sink.send(stream, lines)
     except Exception as exc:
         return SendResult(retry=lines, error=f"{type(exc).__name__}: {exc}")
+    return DELIVERED if result is None else result  # a sink that returns nothing delivered
 
 
 class _Sender:

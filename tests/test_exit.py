@@ -110,6 +110,22 @@ class TestExitFlush:
         if returncode == 1:
             assert "RuntimeError: the job failed" in run.stderr
 
+    def test_an_atexit_hook_registered_before_configure_still_records(self, tmp_path):
+        """atexit runs its hooks last-registered first: the program's hook comes first."""
+        run = run_job(
+            tmp_path,
+            """
+            import atexit
+            atexit.register(lambda: dxtrack.metric("at.exit", 1))
+            dxtrack.configure(stage="test", context="exit", run_id="r", output_dir=OUTPUT,
+                              buffer_metrics=True, flush_interval=3600)
+            dxtrack.metric("rows", 0)
+            """,
+        )
+        assert run.returncode == 0, run.stderr
+        assert sorted(r["metric_name"] for r in run.records("metric")) == ["at.exit", "rows"]
+        assert "dropped" not in run.stderr
+
     def test_the_exit_flush_takes_no_longer_than_the_work(self, tmp_path):
         run = run_job(
             tmp_path,

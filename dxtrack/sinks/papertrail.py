@@ -88,7 +88,8 @@ class PapertrailSink(Sink):
             to[0].close()
 
     def after_fork(self) -> None:
-        self._second = -1  # the header has the process id
+        """A new header (it has the process id); the parent's backoff is not the child's."""
+        self._second, self._retry_at, self._delay = -1, 0.0, _RETRY_FIRST
 
     def _destination(self) -> Optional[Tuple[socket.socket, Tuple[str, int]]]:
         """The socket and address to send to; None while failing fast."""
