@@ -125,8 +125,12 @@ class DXTrack:
                 self._capture.install()
             else:
                 self._capture.uninstall()
-            if publish:
-                inherit.publish(config)
+            try:
+                if publish:
+                    inherit.publish(config)
+            except TypeError as exc:
+                self._log.warning("publish-failed", "dxtrack could not hand its settings to "
+                                  "child processes: %s; they record nothing", exc)
         if old is not None:
             old[1].close()
         return config

@@ -1,14 +1,11 @@
 """The end of a process: every live pipeline is flushed, within its ``shutdown_timeout``.
 
-Three ways out, three hooks, each set up once per process by :func:`prepare`:
-
-- interpreter exit: an ``atexit`` hook (test_exit);
-- a ``multiprocessing`` child's exit, where ``atexit`` does not run (fork and forkserver
-  children end with ``os._exit``): a finalizer, registered when it first records
-  (test_processes);
-- SIGTERM: dxtrack's handler (:mod:`dxtrack.signals`), installed from the main thread where
-  SIGTERM is at its default and ``handle_sigterm`` is on, given back when the last pipeline
-  closes (test_sigterm).
+Three ways out, each hook set up once per process: interpreter exit, an ``atexit`` hook
+(test_exit); a ``multiprocessing`` child's exit, which skips ``atexit`` (fork and forkserver
+children end with ``os._exit``), a finalizer registered when it first records
+(test_processes); SIGTERM, dxtrack's handler (:mod:`dxtrack.signals`), installed from the main
+thread where SIGTERM is at its default and ``handle_sigterm`` is on, and given back when the
+last pipeline closes (test_sigterm).
 """
 
 from __future__ import annotations

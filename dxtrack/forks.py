@@ -1,13 +1,10 @@
 """``os.fork()``: the one place where dxtrack's state is made fit for a forked child.
 
-A child starts with one thread and copies of every lock, queue and connection,
-some of them taken by threads that no longer exist. One set of fork hooks, in
-this module, sets things right in a fixed order: first the signal state
-(:mod:`dxtrack.signals`), then the exit hooks (:mod:`dxtrack.exits`), then
-every registered object in the order it was created, so a client comes
-before its pipelines. The hooks log nothing: the logging lock may have been
-held by another thread at fork time (test_processes: ``TestForkKeepsParentAndChildApart``,
-``test_fork_under_load_does_not_deadlock``).
+A child starts with one thread and copies of every lock, queue and connection, some held by
+threads that no longer exist. One set of hooks sets things right in one order: the signal
+state (:mod:`dxtrack.signals`), the exit hooks (:mod:`dxtrack.exits`), then every registered
+object in creation order (a client before its pipelines). They log nothing: the logging lock
+may have been held at fork time (test_processes: ``TestForkKeepsParentAndChildApart``).
 """
 
 from __future__ import annotations

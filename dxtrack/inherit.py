@@ -33,12 +33,13 @@ def _process_config() -> Optional[Dict[str, Any]]:
 
 
 def publish(config: Config) -> None:
-    """Processes started from now on inherit ``config``'s non-secret settings."""
+    """Processes created from now on inherit ``config``'s non-secret settings; nothing, and
+    TypeError, when JSON cannot hold them (a tuple key in ``default_metadata``)."""
+    withdraw()
     settings = _process_config()
     if settings is not None:
-        settings[KEY] = orjson.dumps(
-            config.for_children(), default=str, option=orjson.OPT_NON_STR_KEYS
-        )
+        settings[KEY] = orjson.dumps(config.for_children(), default=str,
+                                     option=orjson.OPT_NON_STR_KEYS)
 
 
 def withdraw() -> None:

@@ -394,6 +394,19 @@ class TestSpawnedChildrenInheritSettings:
                 "children started after close() must not configure"
             )
 
+    def test_settings_json_cannot_hold_are_not_handed_on(self, tmp_path: Any, caplog: Any) -> None:
+        """A tuple key in default_metadata: recorded as text, but children get nothing (and
+        not the previous settings), and configure() says so instead of raising."""
+        options = dict(context="pool-tests", stage="test", output_dir=str(tmp_path))
+        dxtrack.configure(run_id="first", **options)
+        try:
+            dxtrack.configure(run_id="second", default_metadata={("a", "b"): 1}, **options)
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                assert pool.apply(mp_jobs.inherited_settings) == b"null"
+        finally:
+            dxtrack.close(timeout=10)
+        assert "could not hand its settings to child processes" in caplog.text
+
     def test_forkserver_children_see_the_latest_configure(self, tmp_path: Any) -> None:
         """The forkserver keeps the environment it started with; settings still follow."""
         ctx = multiprocessing.get_context("forkserver")
