@@ -480,11 +480,12 @@ class TestIndependentClientsInChildren:
 class TestNothingLeftBehind:
     """Importing dxtrack changes nothing; a configured process killed hard leaves nothing."""
 
-    def test_import_leaves_the_environment_alone(self) -> None:
+    def test_import_leaves_the_environment_alone(self, tmp_path: Any) -> None:
         code = ("import os; before = dict(os.environ); import dxtrack; "
                 "assert dict(os.environ) == before, sorted(set(os.environ) ^ set(before))")
+        env = {name: value for name, value in os.environ.items() if not name.startswith("DXTRACK_")}
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              timeout=60)
+                              env=env, cwd=tmp_path, timeout=60)
         assert done.returncode == 0, done.stderr
 
     def test_kill_9_leaves_no_file(self, tmp_path: Any) -> None:
