@@ -77,6 +77,16 @@ def fail_in_fetch(shop: str) -> BaseException:
     raise AssertionError("unreachable")
 
 
+def error_in_except(client: DXTrack, metadata: Any) -> None:
+    """client.error(metadata=...) while "app failure" is being handled, which it must not
+    replace (checked here, inside the except block)."""
+    try:
+        raise ValueError("app failure")
+    except ValueError:
+        client.error(metadata=metadata)
+        assert str(sys.exc_info()[1]) == "app failure"
+
+
 class TestPublicSurface:
     """The package gives a ready-made client, the class, a version, and ships py.typed."""
 
@@ -354,11 +364,7 @@ class TestErrorCall:
         self, memory: Any, caplog_dxtrack: pytest.LogCaptureFixture
     ) -> None:
         client, sink = memory
-        try:
-            raise ValueError("app failure")
-        except ValueError:
-            client.error(metadata=Unreadable(RuntimeError("nope")))
-            assert str(sys.exc_info()[1]) == "app failure"
+        error_in_except(client, Unreadable(RuntimeError("nope")))
         [record] = sink.records("error")
         assert (record["exception"]["value"], record["metadata"]) == ("app failure", {})
         assert any("recorded without it" in w for w in warnings_logged(caplog_dxtrack))
@@ -367,10 +373,7 @@ class TestErrorCall:
         self, memory: Any, caplog_dxtrack: pytest.LogCaptureFixture
     ) -> None:
         client, sink = memory
-        try:
-            raise ValueError("app failure")
-        except ValueError:
-            client.error(metadata={1: "a", "1": "b"})
+        error_in_except(client, {1: "a", "1": "b"})
         [record] = sink.records("error")
         assert (record["exception"]["value"], record["metadata"]) == ("app failure", {})
         [warning] = warnings_logged(caplog_dxtrack)
