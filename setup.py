@@ -31,6 +31,7 @@ setup(
             "pytest>=7",
             "moto[server]>=5.0",
             "hypothesis>=6",
+            "cfn-lint>=1.0",  # checks the template of `dxtrack setup --template`
         ],
         "dev": [
             "mypy>=1.5",

@@ -1,4 +1,5 @@
-"""What ``dxtrack check`` checks: the output directory, or credentials and delivery streams.
+"""What ``dxtrack check`` checks: the output directory, or credentials and delivery streams
+(ACTIVE, and delivering where and as ``dxtrack setup`` makes them).
 
 Each check reports one line through a :class:`Report`; the command line
 (:mod:`dxtrack.cli`) decides the exit status from its counts.
@@ -8,12 +9,16 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any
+from typing import Any, Dict
 
 from .config import Config
 from .env import variable_for
 
 __all__ = ["Report", "check_aws", "check_output", "checks"]
+
+#: What ``check`` compares with ``setup``'s definition of a stream's destination: where the
+#: objects land and how they are compressed (bucket, role and buffering are the user's call).
+LAYOUT = ("Prefix", "ErrorOutputPrefix", "CompressionFormat", "FileExtension")
 
 
 class Report:
@@ -104,7 +109,7 @@ def check_aws(config: Config, report: Report) -> None:
         try:
             answer = connection.client.describe_delivery_stream(DeliveryStreamName=name)
         except botocore.exceptions.ClientError as exc:
-            report.fail(label, _stream_problem(exc, kind, where))
+            report.fail(label, _stream_problem(exc, kind, where, config.stage))
             continue
         except botocore.exceptions.BotoCoreError as exc:  # unreachable, timed out
             report.fail(label, f"cannot reach Firehose {where} at {endpoint} "
@@ -120,16 +125,38 @@ def check_aws(config: Config, report: Report) -> None:
             report.fail(label, f"reads from a Kinesis data stream {where}; dxtrack puts records "
                         "itself and needs a Direct PUT stream")
         else:
-            report.ok(label, f"ACTIVE {where}")
+            _compare_layout(config, kind, description, label, where, report)
 
 
-def _stream_problem(exc: Any, kind: str, where: str) -> str:
+def _compare_layout(config: Config, kind: str, description: Dict[str, Any], label: str,
+                    where: str, report: Report) -> None:
+    """Whether an ACTIVE stream delivers where, and as, ``dxtrack setup`` makes it."""
+    from .landing import Landing, differences
+
+    first = (description.get("Destinations") or [{}])[0]
+    have = first.get("ExtendedS3DestinationDescription")
+    if have is None:
+        report.fail(label, f"ACTIVE {where}, but it does not deliver to S3 as 'dxtrack setup' "
+                    "makes it: the dxtrack tables will not see its records")
+        return
+    want = Landing.of(config, "*", "*").destination(kind)
+    problems = differences({key: want[key] for key in LAYOUT}, have)
+    bucket = str(have.get("BucketARN", "")).rpartition(":")[2]
+    if problems:
+        report.fail(label, f"ACTIVE {where}, but {'; '.join(problems)}: the dxtrack tables "
+                    f"look elsewhere; 'dxtrack setup --stage {config.stage} --update' fixes it")
+    else:
+        report.ok(label, f"ACTIVE {where}, delivering to s3://{bucket}/{have['Prefix']}")
+
+
+def _stream_problem(exc: Any, kind: str, where: str, stage: str) -> str:
     from .sinks.firehose import ADVICE
 
     code = exc.response.get("Error", {}).get("Code", "")
     if code == "ResourceNotFoundException":
-        return (f"does not exist {where} for these credentials' account; create it, or name "
-                f"yours with {variable_for(kind + '_stream')}, or check --region")
+        return (f"does not exist {where} for these credentials' account; 'dxtrack setup "
+                f"--stage {stage}' creates it, or name yours with "
+                f"{variable_for(kind + '_stream')}, or check --region")
     if code == "AccessDeniedException":
         return (f"these credentials may not call firehose:DescribeDeliveryStream on it {where}; "
                 "dxtrack itself needs only firehose:PutRecordBatch, which --send-test tries")

@@ -1,4 +1,5 @@
-"""The ``dxtrack`` command: ``metric`` from a shell job, ``check`` of the set-up, ``demo``.
+"""The ``dxtrack`` command: ``metric`` from a shell job, ``check`` and ``setup`` of a stage,
+``demo``.
 
 Settings come from flags and the ``DXTRACK_<OPTION>`` variables, as ``configure()`` reads them;
 a problem is one line on standard error with exit status 1 or 2 (see docs/command-line.md).
@@ -30,7 +31,9 @@ CHECK_METRIC, CHECK_CONTEXT = "dxtrack.check", "dxtrack-check"
 #: configure() options the subcommands take as flags (Config defines them), and their flags.
 FLAGS: Dict[str, Flag] = {name: option.flag for name, option in OPTIONS.items() if option.flag}
 #: The options each subcommand needs, as a flag or a variable.
-REQUIRED = {"metric": ("stage", "context", "run_id"), "check": ("stage",)}
+REQUIRED = {"metric": ("stage", "context", "run_id"), "check": ("stage",), "setup": ("stage",)}
+#: The settings ``dxtrack setup`` takes as flags: where, and with which credentials.
+SETUP_FLAGS = ("stage", "profile_name", "region_name", "endpoint_url")
 #: The default delivery mode, whatever the environment says: each record is waited for.
 SYNCHRONOUS = {"use_async_requests": False, "buffer_metrics": False}
 
@@ -67,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of ``dxtrack`` and its subcommands."""
     parser = _Parser(
         prog=PROG, formatter_class=_Raw,
-        description="Record metrics from shell jobs and check a dxtrack set-up.",
+        description="Record metrics from shell jobs; set up and check a stage in AWS.",
         epilog="Settings not given as flags come from the DXTRACK_<OPTION> variables that\n"
                "configure() reads; AWS credentials from boto3's usual chain.\n"
                "exit status: 0 ok, 1 a failed check or a metric not delivered, 2 bad usage",
@@ -102,6 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(check, REQUIRED["check"],
                   {"context": CHECK_CONTEXT, "run_id": "the UTC time"})  # as in _check()
 
+    setup = commands.add_parser(
+        "setup", formatter_class=_Raw,
+        help="create a stage's bucket, role, delivery streams and Athena tables",
+        description="Create what a stage needs in the AWS account and region of boto3's chain:\n"
+                    "an S3 bucket, the role Firehose writes with, both delivery streams and\n"
+                    "the Glue tables Athena queries. A second run changes nothing; a resource\n"
+                    "that differs is reported and left alone unless --update is given. Exit 1\n"
+                    "if one differs or a step fails. See docs/landing-zone.md.",
+    )
+    setup.add_argument("--bucket", metavar="NAME",
+                       help="the S3 bucket (default dxtrack-STAGE-ACCOUNT)")
+    setup.add_argument("--update", action="store_true",
+                       help="change resources that differ from what setup makes")
+    setup.add_argument("--dry-run", action="store_true",
+                       help="print what would be created or changed, and change nothing")
+    setup.add_argument("--template", action="store_true",
+                       help="print the same resources as a CloudFormation template, and exit")
+    setup.add_argument("--print-policy", choices=("producer", "setup"),
+                       help="print the IAM policy a producer, or setup itself, needs, and exit")
+    _add_settings(setup, REQUIRED["setup"], {}, only=SETUP_FLAGS)
+
     commands.add_parser("demo", add_help=False,  # every argument, --help included, goes to it
                         help="run the end-to-end demo (stage dev needs moto); "
                              "'dxtrack demo --help' for its options")
@@ -109,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_settings(parser: argparse.ArgumentParser, required: Sequence[str],
-                  fallbacks: Dict[str, str]) -> None:
+                  fallbacks: Dict[str, str], only: Sequence[str] = ()) -> None:
     group = parser.add_argument_group(
         "settings",
         "A flag left out comes from its variable (in brackets), as every other option of\n"
@@ -117,6 +141,8 @@ def _add_settings(parser: argparse.ArgumentParser, required: Sequence[str],
         "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, the AWS files or a role.",
     )
     for option, flag in FLAGS.items():
+        if only and option not in only:
+            continue
         fallback = fallbacks.get(option, flag.fallback)
         source = variable_for(option) + (f", else {fallback}" if fallback else "")
         needed = "; required" if option in required else ""
@@ -163,7 +189,7 @@ def _no_constant(name: str) -> NoReturn:
 
 def _given(args: argparse.Namespace) -> Dict[str, Any]:
     """The options given as flags; bad usage if a required one is set nowhere."""
-    given = {o: value for o in FLAGS if (value := getattr(args, o)) is not None}
+    given = {o: value for o in FLAGS if (value := getattr(args, o, None)) is not None}
     missing = [o for o in REQUIRED[args.command]
                if o not in given and o not in _from_environment(given)]
     if missing:
@@ -271,6 +297,41 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setup(args: argparse.Namespace) -> int:
+    from .landing import Landing, template
+    from .provision import Setup, SetupError
+
+    options = {"context": "dxtrack-setup", "run_id": "-", **_given(args)}
+    config = _config(options)
+    if config.stage == "test":
+        raise UsageError("stage 'test' writes local files and needs nothing in AWS; "
+                         "setup is for stages dev and prod")
+    if args.template:
+        print(json.dumps(template(config, args.bucket), indent=2))
+        return 0
+    if args.print_policy:  # ARNs with '*' for what only credentials would tell
+        landing = Landing.of(config, "*", config.region_name or "*", bucket=args.bucket)
+        policy = landing.producer_policy() if args.print_policy == "producer" else \
+            landing.setup_policy()
+        print(json.dumps(policy, indent=2))
+        return 0
+    try:
+        setup = Setup(config, bucket=args.bucket, update=args.update, dry_run=args.dry_run)
+        left = setup.run()
+    except SetupError as exc:
+        return _error(str(exc), 1)
+    if not args.dry_run:
+        settings = setup.settings()
+        arguments = ", ".join(f"{name}={value!r}" for name, value in settings.items())
+        variables = " ".join(f"{variable_for(name)}={value}" for name, value in settings.items())
+        print(f"Send to it with dxtrack.configure({arguments}, context=..., run_id=...)\n"
+              f"or with the variables: {variables}")
+    if left:
+        what = "1 resource differs" if left == 1 else f"{left} resources differ"
+        return _error(f"{what} from what setup makes (see above; --update changes them)", 1)
+    return 0
+
+
 def _demo(argv: List[str]) -> int:
     if not {"-h", "--help"} & set(argv) and _demo_stage(argv) != "test":
         try:
@@ -306,11 +367,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "demo":
             return _demo(rest)
         if args.command is None:
-            raise UsageError(f"a command is required: metric, check or demo (see '{PROG} --help')")
+            raise UsageError("a command is required: metric, check, setup or demo "
+                             f"(see '{PROG} --help')")
         if rest:
             raise UsageError(f"unrecognized arguments: {' '.join(rest)} "
                              f"(see '{PROG} {args.command} --help')")
-        return _metric(args) if args.command == "metric" else _check(args)
+        return {"metric": _metric, "check": _check, "setup": _setup}[args.command](args)
     except UsageError as exc:
         return _error(str(exc), 2)
     except KeyboardInterrupt:

@@ -9,23 +9,25 @@ workers use the ready-made ``dxtrack``, configured once in the parent (children 
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import orjson
 
 from . import dxtrack
 
 REGION = "eu-west-1"
-BUCKET = "dxtrack-demo-landing"
 CREDENTIALS: Dict[str, Any] = {"aws_access_key_id": "demo", "aws_secret_access_key": "demo"}
 
 
@@ -66,56 +68,71 @@ def scrape(shops: List[int], pages: int) -> Dict[str, int]:
 
 
 def _start_firehose() -> Tuple[Any, str]:
-    """An embedded moto server with the bucket and the two dev streams."""
+    """An embedded moto server, playing Firehose, S3, IAM and Glue."""
     try:
         from moto.server import ThreadedMotoServer
     except ImportError:  # pragma: no cover - depends on the install
         sys.exit("the dev demo needs moto's server: pip install 'dxtrack[demo]' (make demo does)")
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    firehose_expands_timestamps()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    create_landing(url)
-    return server, url
+    return server, f"http://{host}:{port}"
 
 
-def create_landing(
-    url: str, *, bucket: str = BUCKET, stage: str = "dev", region: str = REGION,
-    credentials: Optional[Dict[str, Any]] = None, streams: Sequence[str] = ("metric", "error"),
-) -> None:
-    """Create ``bucket`` and the stage's delivery streams into it (prefix ``<stream>/``) on the
-    moto server at ``url``: the demo, the tests and the benchmarks all use it."""
-    import boto3
+def create_landing(url: str, *, stage: str = "dev", region: str = REGION,
+                   credentials: Optional[Dict[str, Any]] = None, bucket: Optional[str] = None,
+                   say: Callable[[str], None] = lambda line: None) -> str:
+    """Run ``dxtrack setup`` for ``stage`` against the moto server at ``url`` (the demo, the
+    tests and the benchmarks all use it); returns the bucket."""
+    from .config import Config
+    from .provision import Setup
 
-    options: Dict[str, Any] = dict(region_name=region, endpoint_url=url,
-                                   **(credentials or CREDENTIALS))
-    boto3.client("s3", **options).create_bucket(
-        Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": region}
-    )
-    firehose = boto3.client("firehose", **options)
-    for stream in streams:
-        firehose.create_delivery_stream(
-            DeliveryStreamName=f"dxtrack-{stream}-input-{stage}",
-            DeliveryStreamType="DirectPut",
-            ExtendedS3DestinationConfiguration={
-                "RoleARN": "arn:aws:iam::123456789012:role/dxtrack",
-                "BucketARN": f"arn:aws:s3:::{bucket}",
-                "Prefix": f"{stream}/",
-            },
-        )
+    keys = credentials or CREDENTIALS
+    config = Config(stage=stage, context="demo", run_id="setup", endpoint_url=url,
+                    region_name=region, **keys)
+    setup = Setup(config, bucket=bucket, say=say)
+    setup.run()
+    return setup.landing.bucket
 
 
-def _landed(url: str) -> Dict[str, List[bytes]]:
+_JAVA_TIME = {"yyyy": "%Y", "MM": "%m", "dd": "%d", "HH": "%H", "mm": "%M", "ss": "%S"}
+
+
+def firehose_expands_timestamps() -> None:
+    """Make this process's moto Firehose name objects as Firehose does for a prefix with
+    ``!{timestamp:...}`` expressions: the expressions expanded in UTC, and no ``YYYY/MM/DD/HH/``
+    added (moto 5 copies them as they are). Prefixes without one are left to moto."""
+    from moto.firehose.models import FirehoseBackend
+
+    original = FirehoseBackend.__dict__["_format_s3_object_path"]
+    if getattr(original, "dxtrack", False):
+        return
+
+    def name(delivery_stream_name: str, version_id: str, prefix: str) -> str:
+        if "!{timestamp:" not in prefix:
+            return str(original.__func__(delivery_stream_name, version_id, prefix))
+        now = datetime.datetime.now(datetime.timezone.utc)
+        expanded = re.sub(r"!\{timestamp:([^}]*)\}", lambda m: now.strftime(
+            re.sub("|".join(_JAVA_TIME), lambda j: _JAVA_TIME[j.group()], m.group(1))), prefix)
+        return (f"{expanded}{delivery_stream_name}-{version_id}-"
+                f"{now:%Y-%m-%d-%H-%M-%S}-{uuid.uuid4()}")
+
+    name.dxtrack = True  # type: ignore[attr-defined]
+    FirehoseBackend._format_s3_object_path = staticmethod(name)  # type: ignore[method-assign]
+
+
+def _landed(url: str, bucket: str) -> Dict[str, List[bytes]]:
     """Every line in the demo bucket, per stream."""
     import boto3
 
     s3 = boto3.client("s3", region_name=REGION, endpoint_url=url, **CREDENTIALS)
     found: Dict[str, List[bytes]] = {"metric": [], "error": [], "objects": []}
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         for item in page.get("Contents", []):
             stream = item["Key"].split("/", 1)[0]
-            body = s3.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read()
+            body = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
             found[stream].extend(body.splitlines())
             found["objects"].append(item["Key"].encode())
     return found
@@ -133,17 +150,18 @@ def run(stage: str = "dev", shops: int = 40, pages: int = 500, workers: int = 4,
     """Run the demo; prints a report and returns whether every record landed once."""
     out = out or sys.stdout
     server: Optional[Any] = None
-    url = ""
+    url = bucket = ""
     scratch = tempfile.mkdtemp(prefix="dxtrack-demo-")
     try:
         if stage == "dev":
             server, url = _start_firehose()
+            bucket = create_landing(url, say=lambda line: print(line, file=out))
         where = _configure(stage, url, scratch)
         context = multiprocessing.get_context(start_method)
         print(f"dxtrack demo: {shops} shops x {pages} pages in {workers} worker processes "
               f"({context.get_start_method()}), reporting to {where}", file=out)
         emitted, elapsed = _scrape_in_pool(context, shops, pages, workers)
-        found = _landed(url) if stage == "dev" else _local(scratch)
+        found = _landed(url, bucket) if stage == "dev" else _local(scratch)
         return _report(emitted, found, elapsed, out)
     finally:
         dxtrack.close(timeout=10)

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from dxtrack import DXTrack
-from dxtrack.demo import create_landing
+from dxtrack.demo import create_landing, firehose_expands_timestamps
 
 REGION = "eu-west-1"
 BUCKET = "dxtrack-landing"
@@ -43,6 +43,7 @@ def moto_url() -> Iterator[str]:
     """A moto server for the whole session; each test using ``firehose`` resets it."""
     from moto.server import ThreadedMotoServer
 
+    firehose_expands_timestamps()  # as Firehose names objects; moto 5 leaves them as they are
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -62,9 +63,10 @@ class Landing:
         self.s3 = boto3.client("s3", **kwargs)
         self.firehose = boto3.client("firehose", **kwargs)
 
-    def create(self, streams: tuple = ("metric", "error")) -> None:
+    def create(self) -> None:
+        """What ``dxtrack setup`` makes: the bucket, the role, both streams, the tables."""
         create_landing(self.url, bucket=BUCKET, stage=self.stage, region=REGION,
-                       credentials=CREDENTIALS, streams=streams)
+                       credentials=CREDENTIALS)
 
     def objects(self, stream: str) -> List[bytes]:
         """Every S3 object body under the stream's prefix (one per PutRecordBatch call)."""

@@ -20,8 +20,10 @@ import pytest
 
 from dxtrack import __version__
 from dxtrack.cli import typed_value
+from dxtrack.landing import DAY
 
 REGION = "eu-west-1"
+BUCKET = "dxtrack-landing"  # as conftest creates it
 #: The console script ``pip install`` puts next to the interpreter.
 CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "dxtrack")
 #: Flags that satisfy ``metric``'s required settings for stage dev.
@@ -224,7 +226,8 @@ class TestCheck:
         assert "credentials: ok (found by boto3: env)" in lines
         for kind in ("metric", "error"):
             assert f"{kind} stream 'dxtrack-{kind}-input-dev': ok (ACTIVE in region " \
-                   f"'{REGION}')" in lines
+                   f"'{REGION}', delivering to s3://{BUCKET}/{kind}/dt={DAY}/)" \
+                   in lines
         assert lines[-1] == "3 checks passed"
         assert landing.lines("metric") == []  # a check sends nothing unless asked to
 
@@ -236,11 +239,30 @@ class TestCheck:
         assert result.status == 1
         assert "1 of 3 checks failed" in result.error_line()
         lines = result.out.splitlines()
-        assert "metric stream 'dxtrack-metric-input-dev': ok (ACTIVE in region " \
-               f"'{REGION}')" in lines
+        assert any(line.startswith("metric stream 'dxtrack-metric-input-dev': ok (ACTIVE in "
+                                   f"region '{REGION}'") for line in lines)
         [failed] = [line for line in lines if "FAILED" in line]
         assert failed.startswith("error stream 'dxtrack-error-input-dev': FAILED: ")
         assert f"region '{REGION}'" in failed and "DXTRACK_ERROR_STREAM" in failed
+        assert "'dxtrack setup --stage dev' creates it" in failed
+
+    def test_a_stream_not_as_setup_makes_it_fails_naming_the_fix(
+        self, aws_env: Dict[str, str], landing: Any, tmp_path: Any
+    ) -> None:
+        stream = landing.firehose.describe_delivery_stream(
+            DeliveryStreamName="dxtrack-metric-input-dev")["DeliveryStreamDescription"]
+        landing.firehose.update_destination(
+            DeliveryStreamName="dxtrack-metric-input-dev",
+            CurrentDeliveryStreamVersionId=stream["VersionId"],
+            DestinationId=stream["Destinations"][0]["DestinationId"],
+            ExtendedS3DestinationUpdate={"Prefix": "metrics/", "CompressionFormat": "UNCOMPRESSED"})
+        result = dxtrack("check", "--stage", "dev", env=aws_env, cwd=tmp_path)
+        assert result.status == 1
+        [failed] = [line for line in result.out.splitlines() if "FAILED" in line]
+        assert failed.startswith("metric stream 'dxtrack-metric-input-dev': FAILED: ACTIVE in "
+                                 f"region '{REGION}', but Prefix is \"metrics/\", setup makes "
+                                 f"\"metric/dt={DAY}/\"; CompressionFormat is \"UNCOMPRESSED\"")
+        assert failed.endswith("'dxtrack setup --stage dev --update' fixes it")
 
     def test_send_test_delivers_one_record(
         self, aws_env: Dict[str, str], landing: Any, tmp_path: Any

@@ -21,7 +21,7 @@ from ..config import DEFAULT_REGION, Config
 from .base import DELIVERED, SendResult, Sink
 from .packing import MAX_CALL_BYTES, MAX_CALL_RECORDS, MAX_RECORD_BYTES, Record, plan_calls
 
-__all__ = ["Connection", "FirehoseSink", "Put", "connect"]
+__all__ = ["Connection", "FirehoseSink", "Put", "connect", "session_for"]
 
 #: Error codes that say "try again later".
 RETRYABLE_CODES = frozenset({
@@ -98,18 +98,23 @@ class Connection(NamedTuple):
     region: str
 
 
+def session_for(config: Config) -> boto3.session.Session:
+    """The boto3 session of ``config``: its keys, else its profile, else boto3's chain."""
+    credentials: Dict[str, Any] = dict(
+        aws_access_key_id=config.aws_access_key_id,
+        aws_secret_access_key=config.aws_secret_access_key,
+        aws_session_token=config.aws_session_token,
+    ) if config.aws_access_key_id else dict(profile_name=config.profile_name)
+    return boto3.session.Session(region_name=config.region_name, **credentials)
+
+
 def connect(config: Config) -> Connection:
     """The boto3 session and Firehose client that ``config`` asks for, used by the sink and
     by ``dxtrack check`` alike. Region: ``region_name``, else the session's, else
     :data:`~dxtrack.config.DEFAULT_REGION`. Nothing is sent, but botocore resolves the
     credentials: a profile that does not exist raises a ``BotoCoreError``.
     """
-    credentials: Dict[str, Any] = dict(
-        aws_access_key_id=config.aws_access_key_id,
-        aws_secret_access_key=config.aws_secret_access_key,
-        aws_session_token=config.aws_session_token,
-    ) if config.aws_access_key_id else dict(profile_name=config.profile_name)
-    session = boto3.session.Session(region_name=config.region_name, **credentials)
+    session = session_for(config)
     region = session.region_name or DEFAULT_REGION
     settings = botocore.config.Config(  # dxtrack's timeouts, no retries of botocore's own
         connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT, max_pool_connections=2,
