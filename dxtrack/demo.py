@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import logging
 import multiprocessing
 import os
@@ -92,9 +93,20 @@ def create_landing(url: str, *, stage: str = "dev", region: str = REGION,
     keys = credentials or CREDENTIALS
     config = Config(stage=stage, context="demo", run_id="setup", endpoint_url=url,
                     region_name=region, **keys)
-    setup = Setup(config, bucket=bucket, say=say)
+    session = _session(region, keys["aws_access_key_id"], keys["aws_secret_access_key"])
+    setup = Setup(config, bucket=bucket, say=say, session=session)
     setup.run()
     return setup.landing.bucket
+
+
+@functools.cache
+def _session(region: str, key_id: str, secret: str) -> Any:
+    """One boto3 session per region and keys: loading the services' models is most of what a
+    new one costs, and the tests set up a stage a hundred times."""
+    import boto3
+
+    return boto3.session.Session(region_name=region, aws_access_key_id=key_id,
+                                 aws_secret_access_key=secret)
 
 
 _JAVA_TIME = {"yyyy": "%Y", "MM": "%m", "dd": "%d", "HH": "%H", "mm": "%M", "ss": "%S"}

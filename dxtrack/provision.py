@@ -52,8 +52,8 @@ class Setup:
 
     def __init__(self, config: Config, *, bucket: Optional[str] = None, update: bool = False,
                  dry_run: bool = False, say: Callable[[str], None] = print,
-                 active_timeout: float = ACTIVE_TIMEOUT) -> None:
-        session = session_for(config)
+                 active_timeout: float = ACTIVE_TIMEOUT, session: Any = None) -> None:
+        session = session or session_for(config)  # a session given is reused (tests, demo)
         self.region = session.region_name or DEFAULT_REGION
         settings = botocore.config.Config(retries={"mode": "standard"})
         self._clients = {service: session.client(service, region_name=self.region,
