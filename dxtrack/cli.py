@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
@@ -36,6 +37,9 @@ REQUIRED = {"metric": ("stage", "context", "run_id"), "check": ("stage",), "setu
 SETUP_FLAGS = ("stage", "profile_name", "region_name", "endpoint_url")
 #: The default delivery mode, whatever the environment says: each record is waited for.
 SYNCHRONOUS = {"use_async_requests": False, "buffer_metrics": False}
+
+#: What S3 accepts as a bucket name (leaving out the rarer rules S3 itself will report).
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 _Raw = argparse.RawDescriptionHelpFormatter
 
@@ -306,11 +310,14 @@ def _setup(args: argparse.Namespace) -> int:
     if config.stage == "test":
         raise UsageError("stage 'test' writes local files and needs nothing in AWS; "
                          "setup is for stages dev and prod")
+    if args.bucket is not None and not BUCKET_NAME.fullmatch(args.bucket):
+        raise UsageError(f"--bucket: {args.bucket!r} is not an S3 bucket name (3 to 63 "
+                         "lowercase letters, digits, dots and hyphens)")
     if args.template:
         print(json.dumps(template(config, args.bucket), indent=2))
         return 0
-    if args.print_policy:  # ARNs with '*' for what only credentials would tell
-        landing = Landing.of(config, "*", config.region_name or "*", bucket=args.bucket)
+    if args.print_policy:
+        landing = Landing.of(config, *_account_and_region(config), bucket=args.bucket)
         policy = landing.producer_policy() if args.print_policy == "producer" else \
             landing.setup_policy()
         print(json.dumps(policy, indent=2))
@@ -320,7 +327,7 @@ def _setup(args: argparse.Namespace) -> int:
         left = setup.run()
     except SetupError as exc:
         return _error(str(exc), 1)
-    if not args.dry_run:
+    if not args.dry_run and not left:
         settings = setup.settings()
         arguments = ", ".join(f"{name}={value!r}" for name, value in settings.items())
         variables = " ".join(f"{variable_for(name)}={value}" for name, value in settings.items())
@@ -330,6 +337,21 @@ def _setup(args: argparse.Namespace) -> int:
         what = "1 resource differs" if left == 1 else f"{left} resources differ"
         return _error(f"{what} from what setup makes (see above; --update changes them)", 1)
     return 0
+
+
+def _account_and_region(config: Config) -> Tuple[str, str]:
+    """The account (``*`` without credentials, with a note) and region a policy names: the
+    ones setup would use."""
+    from .provision import Setup, SetupError
+
+    try:
+        setup = Setup(config, say=lambda line: None)
+        return setup.landing.account, setup.region
+    except SetupError as exc:
+        print(f"{PROG}: note: account left as '*' ({exc})", file=sys.stderr, flush=True)
+        import boto3
+
+        return "*", config.region_name or boto3.session.Session().region_name or DEFAULT_REGION
 
 
 def _demo(argv: List[str]) -> int:

@@ -58,9 +58,13 @@ def differences(want: Any, have: Any, path: str = "") -> List[str]:
     if isinstance(want, dict) and isinstance(have, dict):
         return [problem for key, value in want.items()
                 for problem in differences(value, have.get(key), f"{path}.{key}".lstrip("."))]
-    if isinstance(want, list) and isinstance(have, list) and len(want) == len(have):
-        return [problem for index, (w, h) in enumerate(zip(want, have))
-                for problem in differences(w, h, f"{path}[{index}]")]
+    if isinstance(want, list) and isinstance(have, list):
+        if len(want) == len(have):
+            return [problem for index, (w, h) in enumerate(zip(want, have))
+                    for problem in differences(w, h, f"{path}[{index}]")]
+        lacks, extra = [w for w in want if w not in have], [h for h in have if h not in want]
+        return [f"{path} lacks {json.dumps(lacks)}" + (f" and has {json.dumps(extra)}"
+                                                       if extra else "")]
     if want == have:
         return []
     return [f"{path or 'value'} is {json.dumps(have)}, setup makes {json.dumps(want)}"]
@@ -176,7 +180,7 @@ class Landing:
         columns = _COMMON + _COLUMNS[kind] + [("metadata", "string"), ("timestamp", when)]
         return {
             "Name": kind, "TableType": "EXTERNAL_TABLE",
-            "Description": f"{kind} records from {self.stream(kind)}; metadata is JSON text",
+            "Description": f"dxtrack {kind} records, one a line; metadata is JSON text",
             "PartitionKeys": [{"Name": "dt", "Type": "string"}],
             "Parameters": {
                 "classification": "json", "compressionType": "gzip",

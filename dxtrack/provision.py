@@ -9,6 +9,7 @@ differ and were left as they are.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -26,6 +27,9 @@ __all__ = ["Setup", "SetupError"]
 #: How long a new stream may take to become ACTIVE (about a minute in AWS), and how long
 #: Firehose may take to see a new role (IAM is eventually consistent).
 ACTIVE_TIMEOUT, ROLE_TIMEOUT, POLL = 300.0, 60.0, 5.0
+#: A call's connect and read timeouts (three attempts each): an endpoint that answers nothing
+#: ends setup within a minute, where botocore's defaults would take three.
+CONNECT_TIMEOUT, READ_TIMEOUT = 5.0, 15.0
 _MISSING = ("NoSuchBucket", "404", "NoSuchEntity", "ResourceNotFoundException",
             "EntityNotFoundException")
 
@@ -53,9 +57,14 @@ class Setup:
     def __init__(self, config: Config, *, bucket: Optional[str] = None, update: bool = False,
                  dry_run: bool = False, say: Callable[[str], None] = print,
                  active_timeout: float = ACTIVE_TIMEOUT, session: Any = None) -> None:
-        session = session or session_for(config)  # a session given is reused (tests, demo)
+        try:
+            session = session or session_for(config)  # one given is reused (tests, demo)
+        except botocore.exceptions.BotoCoreError as exc:  # a profile that is not there
+            raise SetupError(f"{type(exc).__name__}: {exc}; check --profile") from None
         self.region = session.region_name or DEFAULT_REGION
-        settings = botocore.config.Config(retries={"mode": "standard"})
+        settings = botocore.config.Config(connect_timeout=CONNECT_TIMEOUT,
+                                          read_timeout=READ_TIMEOUT,
+                                          retries={"mode": "standard", "total_max_attempts": 3})
         self._clients = {service: session.client(service, region_name=self.region,
                                                  endpoint_url=config.endpoint_url,
                                                  config=settings)
@@ -66,6 +75,22 @@ class Setup:
         self.landing = Landing.of(config, identity["Account"], self.region,
                                   identity["Arn"].split(":")[1], bucket)
         self.counts: Counter[str] = Counter()
+        self.adopted = None if bucket else self._bucket_in_use()
+        if self.adopted:
+            self.landing = dataclasses.replace(self.landing, bucket_name=self.adopted)
+
+    def _bucket_in_use(self) -> Optional[str]:
+        """The bucket the stage's existing streams deliver to, when no ``--bucket`` is given:
+        a run without ``--bucket`` after one with it finds the same bucket."""
+        for kind in STREAMS:
+            found = self._read("firehose", "describe_delivery_stream",
+                               DeliveryStreamName=self.landing.stream(kind))
+            if found is not None:
+                first = (found["DeliveryStreamDescription"].get("Destinations") or [{}])[0]
+                arn = first.get("ExtendedS3DestinationDescription", {}).get("BucketARN", "")
+                if arn.startswith("arn:") and arn.rpartition(":")[2] != self.landing.bucket:
+                    return str(arn.rpartition(":")[2])
+        return None
 
     def run(self) -> int:
         """Make (or, dry, plan) every resource; returns how many differ and were left."""
@@ -73,6 +98,8 @@ class Setup:
         what = "plan" if self.dry_run else "setup"
         self.say(f"dxtrack {what}: stage {land.stage!r}, account {land.account}, "
                  f"region {self.region}")
+        if self.adopted:
+            self.say(f"  (bucket {self.adopted}: the one the stage's streams deliver to)")
         self._bucket()
         self._role()
         for kind in STREAMS:
@@ -144,19 +171,35 @@ class Setup:
                        PolicyDocument=json.dumps(land.trust_policy()))
             put_policy()
 
-        self._apply(f"role {land.role_name}", have,
-                    {"Trust": land.trust_policy(), "Policy": land.role_policy()}, create, fix)
+        label = f"role {land.role_name}"
+        if have and have["Policy"] is None and have["Trust"] == land.trust_policy():
+            if not self.dry_run:  # what a run that stopped after create_role leaves
+                put_policy()
+            self._count(label, "to create" if self.dry_run else "created",
+                        f"its policy {land.role_policy_name} "
+                        f"{'to create' if self.dry_run else 'created'} (the role had none)")
+            return
+        self._apply(label, have, {"Trust": land.trust_policy(), "Policy": land.role_policy()},
+                    create, fix)
 
     def _stream(self, kind: str) -> None:
         land = self.landing
         name, destination = land.stream(kind), land.destination(kind)
+        label = f"{kind} stream {name}"
         found = self._read("firehose", "describe_delivery_stream", DeliveryStreamName=name)
         have = None
         if found is not None:
             description = found["DeliveryStreamDescription"]
+            if description.get("DeliveryStreamType") != "DirectPut":
+                self._count(label, "left as they are", "DIFFERS, and setup cannot change it: "
+                            f"it reads from {description.get('DeliveryStreamType')}, where "
+                            "dxtrack needs a Direct PUT stream; delete it, or name another "
+                            f"with DXTRACK_{kind.upper()}_STREAM")
+                return
+            if description.get("DeliveryStreamStatus") == "CREATING" and not self.dry_run:
+                self._wait_active(name)  # an earlier run that stopped while it was made
             first = (description.get("Destinations") or [{}])[0]
-            have = {"DeliveryStreamType": description.get("DeliveryStreamType"),
-                    "Destination": first.get("ExtendedS3DestinationDescription", {})}
+            have = {"Destination": first.get("ExtendedS3DestinationDescription", {})}
 
         def create() -> None:
             deadline = time.monotonic() + ROLE_TIMEOUT
@@ -174,18 +217,13 @@ class Setup:
             self._wait_active(name)
 
         def fix() -> None:
-            if have and have["DeliveryStreamType"] != "DirectPut":
-                raise SetupError(f"stream {name} is not Direct PUT and cannot be changed to "
-                                 "it: delete it, or name another with "
-                                 f"DXTRACK_{kind.upper()}_STREAM")
             current = found["DeliveryStreamDescription"] if found else {}
             self._call("firehose", "update_destination", DeliveryStreamName=name,
                        CurrentDeliveryStreamVersionId=current["VersionId"],
                        DestinationId=current["Destinations"][0]["DestinationId"],
                        ExtendedS3DestinationUpdate=destination)
 
-        self._apply(f"{kind} stream {name}", have,
-                    {"DeliveryStreamType": "DirectPut", "Destination": destination}, create, fix)
+        self._apply(label, have, {"Destination": destination}, create, fix)
 
     def _wait_active(self, name: str) -> None:
         deadline = time.monotonic() + self.active_timeout

@@ -213,6 +213,46 @@ class TestSetup:
             "arn:aws:s3:::my-landing"
         table = account.glue.get_table(DatabaseName=f"dxtrack_{STAGE}", Name="metric")["Table"]
         assert table["StorageDescriptor"]["Location"] == "s3://my-landing/metric/"
+        # Without --bucket, a later run finds the bucket the streams deliver to.
+        assert account.setup() == 0
+        out = _lines(capsys)
+        assert out[1] == "  (bucket my-landing: the one the stage's streams deliver to)"
+        assert out[-3] == "done: nothing to change, all 7 are as setup makes them"
+        assert [b["Name"] for b in account.s3.list_buckets()["Buckets"]] == ["my-landing"]
+
+    def test_a_run_stopped_after_the_role_is_completed(
+        self, account: Account, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        assert account.setup() == 0
+        account.iam.delete_role_policy(RoleName="dxtrack-firehose-prod",
+                                       PolicyName="dxtrack-firehose-prod-s3")
+        capsys.readouterr()
+        assert account.setup() == 0
+        assert "  role dxtrack-firehose-prod: its policy dxtrack-firehose-prod-s3 created (the " \
+               "role had none)" in _lines(capsys)
+        assert account.setup() == 0
+
+    def test_a_stream_reading_from_kinesis_is_reported_and_the_rest_made(
+        self, account: Account, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        account.firehose.create_delivery_stream(
+            DeliveryStreamName=f"dxtrack-metric-input-{STAGE}",
+            DeliveryStreamType="KinesisStreamAsSource",
+            KinesisStreamSourceConfiguration={
+                "KinesisStreamARN": f"arn:aws:kinesis:{REGION}:{ACCOUNT}:stream/scraper",
+                "RoleARN": f"arn:aws:iam::{ACCOUNT}:role/kinesis"},
+            ExtendedS3DestinationConfiguration={"BucketARN": f"arn:aws:s3:::{BUCKET}",
+                                                "RoleARN": f"arn:aws:iam::{ACCOUNT}:role/x"})
+        for flags in ([], ["--update"]):
+            assert account.setup(*flags) == 1
+            out = _lines(capsys)
+            [line] = [line for line in out if "metric stream" in line]
+            assert line == (f"  metric stream dxtrack-metric-input-{STAGE}: DIFFERS, and setup "
+                            "cannot change it: it reads from KinesisStreamAsSource, where dxtrack "
+                            "needs a Direct PUT stream; delete it, or name another with "
+                            "DXTRACK_METRIC_STREAM")
+        assert account.stream("error")["DeliveryStreamStatus"] == "ACTIVE"  # the rest was made
+        assert account.glue.get_table(DatabaseName=f"dxtrack_{STAGE}", Name="metric")
 
     def test_a_new_role_firehose_cannot_assume_yet_is_waited_for(
         self, account: Account, monkeypatch: pytest.MonkeyPatch
@@ -262,6 +302,8 @@ class TestUsage:
         (["setup"], "setup needs --stage (or DXTRACK_STAGE)"),
         (["setup", "--stage", "test"], "stage 'test' writes local files and needs nothing in AWS"),
         (["setup", "--stage", "prod", "--print-policy", "admin"], "invalid choice: 'admin'"),
+        (["setup", "--stage", "prod", "--bucket", "My_Bucket"],
+         "--bucket: 'My_Bucket' is not an S3 bucket name"),
     ])
     def test_bad_usage_is_one_line_and_status_2(
         self, args: List[str], message: str, tmp_path: Any
@@ -427,8 +469,9 @@ class TestPolicies:
                     CurrentDeliveryStreamVersionId=stream["VersionId"],
                     DestinationId=stream["Destinations"][0]["DestinationId"],
                     ExtendedS3DestinationUpdate={"Prefix": "elsewhere/"})
-                account.iam.delete_role_policy(RoleName="dxtrack-firehose-prod",
-                                               PolicyName="dxtrack-firehose-prod-s3")
+                account.iam.update_assume_role_policy(
+                    RoleName="dxtrack-firehose-prod", PolicyDocument=json.dumps(
+                        Landing.of(account.config(), "111122223333", REGION).trust_policy()))
                 account.glue.update_table(DatabaseName="dxtrack_prod", TableInput={
                     "Name": "error", "StorageDescriptor": {"Location": "s3://elsewhere/"}})
                 account.s3.delete_public_access_block(Bucket=BUCKET)
@@ -438,19 +481,31 @@ class TestPolicies:
         # caller's identity is read before the test listens, when Setup is made.
         assert called == allowed - {"iam:PassRole", "sts:GetCallerIdentity"}
 
-    def test_printed_policies_name_the_stage_resources(
-        self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    def test_printed_policies_name_the_account_the_credentials_give(
+        self, account: Account, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        assert account.setup("--print-policy", "producer") == 0
+        captured = capsys.readouterr()
+        [statement] = json.loads(captured.out)["Statement"]
+        assert statement["Resource"][0] == \
+            f"arn:aws:firehose:{REGION}:{ACCOUNT}:deliverystream/dxtrack-metric-input-{STAGE}"
+        assert captured.err == ""
+
+    def test_printed_policies_without_credentials_leave_the_account_open(
+        self, capsys: pytest.CaptureFixture[str]
     ) -> None:
         assert main(["setup", "--stage", STAGE, "--region", REGION,
                      "--print-policy", "producer"]) == 0
-        producer = json.loads(capsys.readouterr().out)
+        captured = capsys.readouterr()
+        assert captured.err.startswith("dxtrack: note: account left as '*' (")
+        producer = json.loads(captured.out)
         [statement] = producer["Statement"]
         assert statement["Action"] == ["firehose:PutRecordBatch",
                                        "firehose:DescribeDeliveryStream"]
         assert statement["Resource"] == [
             f"arn:aws:firehose:{REGION}:*:deliverystream/dxtrack-{kind}-input-{STAGE}"
             for kind in STREAMS]
-        assert main(["setup", "--stage", STAGE, "--print-policy", "setup"]) == 0
+        assert main(["setup", "--stage", STAGE, "--print-policy", "setup"]) == 0  # region: default
         resources = {r for s in json.loads(capsys.readouterr().out)["Statement"]
                      for r in s["Resource"]}
         assert f"arn:aws:s3:::dxtrack-{STAGE}-*" in resources
