@@ -27,7 +27,7 @@ from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Set, Tuple
 from .clock import Clock
 from .records import ERROR, ID_OVERHEAD, METRIC
 
-__all__ = ["CLOSED", "DEFERRED", "DROPPED", "Checkpoint", "StreamBuffer"]
+__all__ = ["CLOSED", "DEFERRED", "DROPPED", "IDLE", "SPILLED", "Checkpoint", "StreamBuffer"]
 
 # What put() returns instead of a sequence number: it did not take the record ...
 DROPPED = 0
@@ -35,6 +35,10 @@ CLOSED = -1
 #: ... or it took it from code that interrupted this buffer's own thread (see above): the
 #: record is queued, but has no number yet, so nobody can wait for it.
 DEFERRED = -2
+#: ... or it did not fit, and went to the disk spool's writer (``on_full="spool"``).
+SPILLED = -3
+#: What take() returns when the worker had nothing to do for its ``idle`` seconds.
+IDLE: Tuple[str, List[bytes], int] = ("", [], 0)
 
 #: Relative jitter of ``flush_interval``, so pools of processes do not send in lockstep.
 _INTERVAL_JITTER = 0.1
@@ -43,7 +47,7 @@ _INTERVAL_JITTER = 0.1
 class _Stream:
     __slots__ = ("name", "queue", "bytes", "enqueued", "taken", "settled", "in_flight", "urgent",
                  "due", "flush_target", "losses", "forgotten", "drops", "checked", "checked_drops",
-                 "outage", "outage_after", "failed", "evicted")
+                 "outage", "outage_after", "failed", "evicted", "spilled")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -67,6 +71,7 @@ class _Stream:
         self.outage_after = 0   # ... and it had records up to this one
         self.failed = 0         # records the worker gave up on
         self.evicted = 0        # records on_full="drop_oldest" took back
+        self.spilled = 0        # records on_full="spool" handed to the spool (in ``drops``)
 
 
 class Checkpoint(NamedTuple):
@@ -97,7 +102,8 @@ class StreamBuffer:
 
     def __init__(self, *, max_records: int, max_bytes: int, on_full: str, block_timeout: float,
                  flush_interval: float, batch_lines: int, batch_bytes: int, clock: Clock,
-                 start_worker: Callable[[], object] = lambda: None) -> None:
+                 start_worker: Callable[[], object] = lambda: None,
+                 spill: Optional[Callable[[str, bytes], bool]] = None) -> None:
         self.max_records, self.max_bytes, self.on_full = max_records, max_bytes, on_full
         self.block_timeout, self.flush_interval = block_timeout, flush_interval
         self.batch_lines, self.batch_bytes = batch_lines, batch_bytes
@@ -108,6 +114,8 @@ class StreamBuffer:
         self.clock = clock
         #: Called (outside the lock) by put() when no worker is running: the pipeline's.
         self._start_worker = start_worker
+        #: ``on_full="spool"``: hands a record that does not fit to the spool's writer.
+        self._spill = spill
         self._reset()
 
     def _reset(self) -> None:
@@ -127,9 +135,10 @@ class StreamBuffer:
         self.stopped = False   # the worker must return as soon as it can
         self.hurry = 0         # bumped by each flush and close: a retry backoff ends at once
         self._backing_off = False  # the worker waits to retry a batch: nothing else moves
-        self._counts = {"delivered": 0, "failed": 0, "retried": 0, "batches": 0}
+        self._counts = {"delivered": 0, "failed": 0, "retried": 0, "batches": 0, "spooled": 0,
+                        "spilled": 0}
         # Every key there from the start: a re-entrant put never grows it while it is read.
-        self._dropped = {"buffer_full": 0, "evicted": 0, "closed": 0}
+        self._dropped = {"buffer_full": 0, "evicted": 0, "closed": 0, "spool_error": 0}
 
     #: In a forked child, the parent's records are the parent's to send: start afresh.
     after_fork_in_child = _reset
@@ -170,8 +179,12 @@ class StreamBuffer:
                     s.urgent = True  # a full buffer is sent now, whatever the mode
                     self._wake_worker(s)
                     if not self._make_room(s, size):
+                        s.drops += 1  # not delivered by the next flush, either way
+                        if self._spill is not None and self._spill(stream, body):
+                            self._counts["spilled"] += 1
+                            s.spilled += 1
+                            return SPILLED
                         self._dropped["buffer_full"] += 1
-                        s.drops += 1
                         return DROPPED
                 if not queue and not urgent:
                     s.due = self.clock.monotonic() + self.flush_interval * (
@@ -325,9 +338,11 @@ class StreamBuffer:
             self._wakeup.notify()
 
     # -- the worker's side -------------------------------------------------
-    def take(self) -> Optional[Tuple[str, List[bytes], int]]:
+    def take(self, idle: Optional[float] = None) -> Optional[Tuple[str, List[bytes], int]]:
         """Block until a stream has a batch: (stream, bodies, number of the first body); None
-        once stopped, or closed and empty."""
+        once stopped, or closed and empty; :data:`IDLE` after ``idle`` seconds with nothing
+        due (the worker then looks at the spool)."""
+        idle_until = None if idle is None else self.clock.monotonic() + idle
         with self._lock:
             self._worker_ident = threading.get_ident()
             while True:
@@ -354,6 +369,10 @@ class StreamBuffer:
                     next_due = s.due if next_due is None else min(next_due, s.due)
                 if self._closing:
                     return None
+                if idle_until is not None:
+                    if now >= idle_until:
+                        return IDLE
+                    next_due = idle_until if next_due is None else min(next_due, idle_until)
                 self._worker_idle = True
                 self.clock.wait(self._wakeup, None if next_due is None else next_due - now)
                 self._worker_idle = False
@@ -384,8 +403,10 @@ class StreamBuffer:
         self._progress.notify_all()  # room for callers blocked on a full buffer
         return s.name, batch, first
 
-    def settle(self, stream: str, first: int, delivered: int, failed: int) -> None:
-        """Record the fate of the batch taken last from ``stream``."""
+    def settle(self, stream: str, first: int, delivered: int, failed: int,
+               spooled: int = 0) -> None:
+        """Record the fate of the batch taken last from ``stream``; records that went to the
+        spool are settled, but not delivered (a flush reports them as not delivered)."""
         with self._lock:
             s = self._streams[stream]
             s.in_flight = False
@@ -393,11 +414,48 @@ class StreamBuffer:
             counts = self._counts
             counts["delivered"] += delivered
             counts["failed"] += failed
+            counts["spooled"] += spooled
             counts["batches"] += 1
             if failed:
                 s.failed += failed
+            if failed or spooled:
                 _lose(s, first, s.taken - first + 1)
             self._progress.notify_all()
+
+    def drain(self) -> List[Tuple[str, List[bytes], int]]:
+        """Once stopped: take every record still queued, per stream (stream, bodies, number of
+        the first), for the spool; :meth:`settle_drained` says what became of them."""
+        with self._lock:
+            taken = []
+            for s in self._streams.values():
+                if s.queue:
+                    first = s.taken + 1
+                    bodies = list(s.queue)
+                    s.queue.clear()
+                    s.bytes = 0
+                    s.taken += len(bodies)
+                    taken.append((s.name, bodies, first))
+            return taken
+
+    def settle_drained(self, stream: str, first: int, count: int, spooled: int) -> None:
+        """``count`` drained records from number ``first``: ``spooled`` went to the spool,
+        the rest stay pending (counted as such: nothing will send them now)."""
+        with self._lock:
+            s = self._streams[stream]
+            self._counts["spooled"] += spooled
+            _lose(s, first, count)
+            if not s.in_flight and spooled == count:
+                s.settled = s.taken
+            self._progress.notify_all()
+
+    def spilled(self, count: int, written: bool) -> None:
+        """``count`` records put() handed to the spool's writer were written (or, False,
+        could not be)."""
+        with self._lock:
+            if written:
+                self._counts["spooled"] += count
+            else:
+                self._dropped["spool_error"] += count
 
     def _hurry(self) -> None:
         """A flush or close wants everything out now: end a retry backoff at once."""
@@ -466,17 +524,18 @@ class StreamBuffer:
     def undelivered(self) -> Dict[str, int]:
         """Per stream, the records that did not reach the sink: failed, dropped or pending."""
         with self._lock:
-            return {s.name: s.failed + s.drops + s.evicted + s.enqueued - s.settled
+            return {s.name: s.failed + s.drops - s.spilled + s.evicted + s.enqueued - s.settled
                     for s in self._streams.values()}
 
     def snapshot(self) -> Dict[str, object]:
         with self._lock:
             counts, streams = self._counts, self._streams.values()
             enqueued = sum(s.enqueued for s in streams)
+            enqueued += counts["spilled"]  # accepted for the spool: pending until written
             return {
                 "enqueued": enqueued, "delivered": counts["delivered"],
                 "pending": enqueued - counts["delivered"] - counts["failed"]
-                - self._dropped["evicted"],
+                - self._dropped["evicted"] - self._dropped["spool_error"] - counts["spooled"],
                 "dropped": {reason: n for reason, n in self._dropped.items() if n},
                 "failed": counts["failed"], "retried": counts["retried"],
                 "batches": counts["batches"], "buffered_bytes": sum(s.bytes for s in streams),

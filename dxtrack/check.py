@@ -14,7 +14,7 @@ from typing import Any, Dict
 from .config import Config
 from .env import variable_for
 
-__all__ = ["Report", "check_aws", "check_output", "checks"]
+__all__ = ["Report", "check_aws", "check_output", "check_spool", "checks"]
 
 #: What ``check`` compares with ``setup``'s definition of a stream's destination: where the
 #: objects land and how they are compressed (bucket, role and buffering are the user's call).
@@ -75,6 +75,34 @@ def check_output(config: Config, report: Report) -> None:
         report.ok(label, "writable")
     else:
         report.ok(label, f"not there yet; it will be created in {existing}, which is writable")
+
+
+def check_spool(config: Config, report: Report) -> None:
+    """The spool: can it be written, and what does it hold (docs/spool.md)."""
+    import time
+
+    from .spool import Spool
+
+    spool = Spool(config.spool_dir or ".", config.stage, config.spool_max_bytes)
+    label = f"spool {spool.path}"
+    try:
+        spool.make_directory()
+        with tempfile.TemporaryFile(dir=spool.path):
+            pass
+    except OSError as exc:
+        report.fail(label, f"cannot write there: {exc}; set {variable_for('spool_dir')} to a "
+                    "directory on a persistent volume you can write to")
+        return
+    segments, records, size, oldest = spool.contents()
+    if not segments:
+        report.ok(label, f"writable, empty; at most {config.spool_max_bytes:,} bytes")
+        return
+    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(oldest or 0))
+    report.ok(label, f"holds {records:,} records in {segments:,} segment"
+              f"{'' if segments == 1 else 's'} ({size:,} of at most "
+              f"{config.spool_max_bytes:,} bytes), the oldest from {since}; a client with this "
+              f"spool sends them once it delivers, or 'dxtrack replay --stage {config.stage}' "
+              "now")
 
 
 def check_aws(config: Config, report: Report) -> None:

@@ -19,7 +19,7 @@ import time
 from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from ._version import __version__
-from .check import Report, check_aws, check_output, checks
+from .check import Report, check_aws, check_output, check_spool, checks
 from .config import DEFAULT_REGION, OPTIONS, Config, Flag, settings_from_kwargs
 from .env import environment_defaults, variable_for
 from .exceptions import ConfigurationError
@@ -32,9 +32,12 @@ CHECK_METRIC, CHECK_CONTEXT = "dxtrack.check", "dxtrack-check"
 #: configure() options the subcommands take as flags (Config defines them), and their flags.
 FLAGS: Dict[str, Flag] = {name: option.flag for name, option in OPTIONS.items() if option.flag}
 #: The options each subcommand needs, as a flag or a variable.
-REQUIRED = {"metric": ("stage", "context", "run_id"), "check": ("stage",), "setup": ("stage",)}
+REQUIRED = {"metric": ("stage", "context", "run_id"), "check": ("stage",), "setup": ("stage",),
+            "replay": ("stage",)}
 #: The settings ``dxtrack setup`` takes as flags: where, and with which credentials.
 SETUP_FLAGS = ("stage", "profile_name", "region_name", "endpoint_url")
+#: Attempts ``dxtrack replay`` makes per segment while the endpoint throttles or blips.
+REPLAY_ATTEMPTS = 5
 #: The default delivery mode, whatever the environment says: each record is waited for.
 SYNCHRONOUS = {"use_async_requests": False, "buffer_metrics": False}
 
@@ -129,6 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     setup.add_argument("--print-policy", choices=("producer", "setup"),
                        help="print the IAM policy a producer, or setup itself, needs, and exit")
     _add_settings(setup, REQUIRED["setup"], {}, only=SETUP_FLAGS)
+
+    replay = commands.add_parser(
+        "replay", formatter_class=_Raw, help="send what the disk spool holds, now",
+        description="Send the records a stage's disk spool holds (records that could not be\n"
+                    "delivered in time), oldest first, then exit: 0 once the spool is empty,\n"
+                    "1 if records are left (not delivered, or held by a running job).\n"
+                    "See docs/spool.md.",
+    )
+    replay.add_argument("--spool-dir", metavar="DIR",
+                        help="the spool directory [DXTRACK_SPOOL_DIR]")
+    _add_settings(replay, REQUIRED["replay"], {}, only=SETUP_FLAGS)
 
     commands.add_parser("demo", add_help=False,  # every argument, --help included, goes to it
                         help="run the end-to-end demo (stage dev needs moto); "
@@ -286,6 +300,8 @@ def _check(args: argparse.Namespace) -> int:
         check_output(config, report)
     else:
         check_aws(config, report)
+    if config.spool_dir is not None:
+        check_spool(config, report)
     if args.send_test:
         if report.failed:
             report.skip("test record", "an earlier check failed")
@@ -354,6 +370,46 @@ def _account_and_region(config: Config) -> Tuple[str, str]:
         return "*", config.region_name or boto3.session.Session().region_name or DEFAULT_REGION
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from .sinks import sink_for
+    from .spool import Spool, replay_all
+
+    options = {"context": "dxtrack-replay", "run_id": "-", **_given(args)}
+    if args.spool_dir:
+        options["spool_dir"] = args.spool_dir
+    config = _config(options)
+    if config.spool_dir is None:
+        raise UsageError("replay needs --spool-dir (or DXTRACK_SPOOL_DIR)")
+    spool = Spool(config.spool_dir, config.stage, config.spool_max_bytes)
+    sink = sink_for(config)
+
+    def send(stream: str, lines: List[bytes]) -> List[bytes]:
+        pending: List[bytes] = lines
+        for attempt in range(REPLAY_ATTEMPTS):  # throttling and blips: a few tries
+            result = sink.send(stream, pending)
+            if result.error:
+                print(f"  {result.error}", flush=True)
+            pending = [*result.retry, *result.refused]
+            if not result.retry:
+                break
+            time.sleep(min(8.0, 0.5 * 2 ** attempt))
+        return pending
+
+    try:
+        for claim, delivered in replay_all(spool, send):
+            print(f"{os.path.basename(claim.path)}: {delivered:,} of {len(claim.lines):,} "
+                  "records delivered", flush=True)
+    finally:
+        sink.close()
+    segments, records, _, _ = spool.contents()
+    if segments:
+        return _error(f"{records:,} records in {segments:,} segments are still in the spool "
+                      f"{spool.path} (not delivered, or held by a running job)", 1)
+    print(f"the spool {spool.path} is empty ({spool.counts['replayed']:,} records delivered "
+          "now)")
+    return 0
+
+
 def _demo(argv: List[str]) -> int:
     if not {"-h", "--help"} & set(argv) and _demo_stage(argv) != "test":
         try:
@@ -389,12 +445,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "demo":
             return _demo(rest)
         if args.command is None:
-            raise UsageError("a command is required: metric, check, setup or demo "
+            raise UsageError("a command is required: metric, check, setup, replay or demo "
                              f"(see '{PROG} --help')")
         if rest:
             raise UsageError(f"unrecognized arguments: {' '.join(rest)} "
                              f"(see '{PROG} {args.command} --help')")
-        return {"metric": _metric, "check": _check, "setup": _setup}[args.command](args)
+        run = {"metric": _metric, "check": _check, "setup": _setup, "replay": _replay}
+        return run[args.command](args)
     except UsageError as exc:
         return _error(str(exc), 2)
     except KeyboardInterrupt:

@@ -86,7 +86,9 @@ class DXTrack:
         max_buffer_bytes: Optional[int] = None, on_full: Optional[str] = None,
         block_timeout: Optional[float] = None, flush_interval: Optional[float] = None,
         shutdown_timeout: Optional[float] = None, retry_deadline: Optional[float] = None,
-        sync_timeout: Optional[float] = None, sink: Any = None,
+        sync_timeout: Optional[float] = None,
+        spool_dir: Optional[Union[str, os.PathLike[str]]] = None,
+        spool_max_bytes: Optional[int] = None, sink: Any = None,
     ) -> Config:
         """Validate the options of :class:`Config` and start using them; returns the Config.
 
@@ -434,7 +436,8 @@ class DXTrack:
             _add(total, self._retired)
         for pipeline in pipelines:
             _add(total, pipeline.stats())
-        for key in ("enqueued", "delivered", "pending", "failed", "retried", "batches"):
+        for key in ("enqueued", "delivered", "pending", "failed", "retried", "batches",
+                    "spooled", "replayed"):
             total.setdefault(key, 0)
         return total
 

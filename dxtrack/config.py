@@ -32,6 +32,7 @@ DEFAULT_REGION = "eu-west-1"
 DEFAULT_MAX_BUFFER_RECORDS = 100_000
 #: Serialized bytes held per stream before ``on_full`` applies.
 DEFAULT_MAX_BUFFER_BYTES = 32 * 1024 * 1024
+DEFAULT_SPOOL_MAX_BYTES = 1024 ** 3
 #: Seconds the oldest pending record waits before the worker sends it anyway.
 DEFAULT_FLUSH_INTERVAL = 5.0
 #: Seconds ``on_full='block'`` waits for room before dropping the record.
@@ -236,12 +237,16 @@ class Config:
     # The pipeline.
     max_buffer_records: int = _option(DEFAULT_MAX_BUFFER_RECORDS, _whole(1))
     max_buffer_bytes: int = _option(DEFAULT_MAX_BUFFER_BYTES, _whole(FIREHOSE_MAX_RECORD_BYTES))
-    on_full: str = _option("drop_newest", _choice("drop_newest", "drop_oldest", "block"))
+    on_full: str = _option("drop_newest", _choice("drop_newest", "drop_oldest", "block",
+                                                  "spool"))
     block_timeout: float = _option(DEFAULT_BLOCK_TIMEOUT, _seconds)
     flush_interval: float = _option(DEFAULT_FLUSH_INTERVAL, _seconds)
     shutdown_timeout: float = _option(DEFAULT_SHUTDOWN_TIMEOUT, _seconds)
     retry_deadline: float = _option(DEFAULT_RETRY_DEADLINE, _seconds)
     sync_timeout: float = _option(DEFAULT_SYNC_TIMEOUT, _seconds)
+    # The disk spool (docs/spool.md): records not delivered in time wait here.
+    spool_dir: Optional[Union[str, os.PathLike[str]]] = _option(None, _path)
+    spool_max_bytes: int = _option(DEFAULT_SPOOL_MAX_BYTES, _whole(1024 * 1024))
     #: A sink object replacing the stage's own destination (tests, custom outputs).
     sink: Any = _option(None, _sink, env=False, children=False)
 
@@ -253,6 +258,8 @@ class Config:
             checked = f.metadata["option"].check(f.name, value)
             if checked is not None:
                 object.__setattr__(self, f.name, checked)
+        if self.on_full == "spool" and self.spool_dir is None:
+            raise ConfigurationError("on_full='spool' needs a spool_dir", option="on_full")
         if (self.aws_access_key_id is None) != (self.aws_secret_access_key is None):
             raise ConfigurationError("aws_access_key_id and aws_secret_access_key must be given "
                                      "together", option="aws_secret_access_key")
@@ -269,6 +276,8 @@ class Config:
         settings = {f.name: getattr(self, f.name) for f in fields(self)
                     if f.metadata["option"].children}
         settings["output_dir"] = os.path.abspath(os.fspath(self.output_dir))
+        if self.spool_dir is not None:
+            settings["spool_dir"] = os.path.abspath(os.fspath(self.spool_dir))
         settings["explicit_credentials"] = self.aws_access_key_id is not None
         return settings
 

@@ -18,15 +18,17 @@ from ._logging import RateLimitedLog, logger
 from .buffer import CLOSED, DROPPED, StreamBuffer
 from .clock import Clock
 from .config import Config
-from .records import ERROR, METRIC
+from .records import ERROR, METRIC, finalize
 from .signals import block_signals_in_this_thread
 from .sinks.base import Sink
 from .sinks.papertrail import PapertrailSink
+from .spool import Spiller, Spool
 from .worker import DEFAULT_RETRY, RetryPolicy, Worker, in_delivery_thread, quantity
 
 __all__ = ["Pipeline"]
 
 _MAX_COPIES = 10_000  # Papertrail copies waiting at most; more are dropped
+_SEGMENT_LINES = 5_000  # records per spool segment written at close
 
 
 class Pipeline:
@@ -43,11 +45,20 @@ class Pipeline:
         self.metric_urgent = not config.buffer_metrics
         self.metric_waits = self.metric_urgent and not config.use_async_requests
         self.error_waits = not config.use_async_requests
+        #: The disk spool (``spool_dir``) and, with ``on_full="spool"``, its writer for
+        #: records that do not fit the buffer.
+        self.spool: Optional[Spool] = None
+        self.spiller: Optional[Spiller] = None
+        if config.spool_dir is not None:
+            self.spool = Spool(config.spool_dir, config.stage, config.spool_max_bytes)
         self.buffer = StreamBuffer(
             max_records=config.max_buffer_records, max_bytes=config.max_buffer_bytes,
             on_full=config.on_full, block_timeout=config.block_timeout,
             flush_interval=config.flush_interval, batch_lines=sink.max_batch_lines,
-            batch_bytes=sink.max_batch_bytes, clock=clock, start_worker=self._start_worker)
+            batch_bytes=sink.max_batch_bytes, clock=clock, start_worker=self._start_worker,
+            spill=self._spill if config.on_full == "spool" else None)
+        if self.spool is not None and config.on_full == "spool":
+            self.spiller = Spiller(self.spool, self.buffer.spilled, config.max_buffer_bytes)
         #: The caller's entry point: ``put(stream, body, urgent) -> sequence number``.
         self.put: Callable[[str, bytes, bool], int] = self.buffer.put
         #: A best-effort syslog copy of every record, when ``papertrail_hostport`` is set.
@@ -89,7 +100,7 @@ class Pipeline:
                 self.worker.close()  # one that died: its sender thread goes with it
             worker = self.worker = Worker(
                 buffer, self.sink, retry_deadline=self.config.retry_deadline, log=self.log,
-                retry=self.retry)
+                retry=self.retry, spool=self.spool)
             thread = threading.Thread(target=self._run_worker, args=(worker,),
                                       name="dxtrack-worker", daemon=True)
             # Said before start(): a worker that dies at once must be able to say it ended,
@@ -105,6 +116,9 @@ class Pipeline:
         if self._tracked:
             exits.prepare(self.config.handle_sigterm)
         return True
+
+    def _spill(self, stream: str, body: bytes) -> bool:
+        return self.spiller is not None and self.spiller.put(stream, body)
 
     def _run_worker(self, worker: Worker) -> None:
         try:
@@ -172,6 +186,7 @@ class Pipeline:
         if thread is not None and thread is not threading.current_thread():
             thread.join(_left(timeout, started))
         self.buffer.stop()
+        rescued = self._spool_the_rest(started, timeout) if not ok else {}
         if self.worker is not None:
             self.worker.close()  # its sender thread, if any, ends once its call returns
         if thread is None or not thread.is_alive():
@@ -179,15 +194,52 @@ class Pipeline:
         if self.copies is not None:
             self.copies.close(_left(timeout, started))
         if not ok and not self.sink.best_effort:  # copies are not records
-            s, lost = self.stats(), self.buffer.undelivered()
-            logger.error(
-                "dxtrack closed with records not delivered (%s, %s): %s pending, %s failed, "
-                "%s dropped (%r)", quantity(lost[METRIC], METRIC), quantity(lost[ERROR], ERROR),
-                f"{s['pending']:,}", f"{s['failed']:,}",
-                f"{sum(cast(Dict[str, int], s['dropped']).values()):,}", self.sink)
+            self._say_what_was_not_delivered(rescued)
         if self._tracked:
             exits.untrack(self)
         return ok
+
+    def _say_what_was_not_delivered(self, rescued: Dict[str, int]) -> None:
+        """The last word of a close that did not deliver everything: what is lost or still
+        pending, and what is safe in the spool (``rescued``: in flight, written there now)."""
+        s, lost = self.stats(), self.buffer.undelivered()
+        for stream, count in rescued.items():
+            lost[stream] -= count
+        spooled = cast(int, s["spooled"])
+        safe = ""
+        if self.spool is not None and spooled:
+            safe = (f"; {spooled:,} records are safe in the spool {self.spool.path} and will "
+                    "be sent later")
+        if lost[METRIC] or lost[ERROR]:
+            logger.error(
+                "dxtrack closed with records not delivered (%s, %s): %s pending, %s failed, "
+                "%s dropped (%r)%s", quantity(lost[METRIC], METRIC), quantity(lost[ERROR], ERROR),
+                f"{s['pending']:,}", f"{s['failed']:,}",
+                f"{sum(cast(Dict[str, int], s['dropped']).values()):,}", self.sink, safe)
+        elif spooled:
+            logger.warning("dxtrack closed before every record was delivered%s", safe)
+
+    def _spool_the_rest(self, started: float, timeout: float) -> Dict[str, int]:
+        """Out of time at close: what is still queued, and the batch in flight, go to the
+        spool; returns how many records of the batch in flight, by stream, went there."""
+        spool = self.spool
+        if spool is None:
+            return {}
+        if self.spiller is not None:
+            self.spiller.close(_left(timeout, started))
+        rescued = self.worker.rescue() if self.worker is not None else {}
+        for stream, bodies, first in self.buffer.drain():
+            written = 0
+            try:
+                for start in range(0, len(bodies), _SEGMENT_LINES):
+                    part = bodies[start:start + _SEGMENT_LINES]
+                    if spool.write(stream, [finalize(body) for body in part]):
+                        written += len(part)
+            except OSError as exc:
+                self.log.error("spool", "dxtrack could not write to its spool %s: %s",
+                               spool.path, exc)
+            self.buffer.settle_drained(stream, first, len(bodies), written)
+        return rescued
 
     def _close_sink(self) -> None:
         try:
@@ -208,6 +260,13 @@ class Pipeline:
 
     def stats(self) -> Dict[str, object]:
         snapshot = self.buffer.snapshot()
+        counts = self.spool.counts if self.spool is not None else {}
+        snapshot["spooled"] = counts.get("spooled", 0)
+        snapshot["replayed"] = counts.get("replayed", 0)
+        dropped = cast(Dict[str, int], snapshot["dropped"])
+        for reason in ("spool_full", "spool_torn"):
+            if counts.get(reason):
+                dropped[reason] = counts[reason]
         snapshot.update(self.sink.stats())
         if self.copies is not None:
             snapshot.update(self.copies.stats())
@@ -222,6 +281,10 @@ class Pipeline:
         self._reset()
         self.log.after_fork_in_child()
         self.sink.after_fork()
+        if self.spool is not None:
+            self.spool.after_fork_in_child()
+        if self.spiller is not None:
+            self.spiller.after_fork_in_child()
         if self.copies is not None:
             self.copies.after_fork_in_child()
 

@@ -16,13 +16,14 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ._logging import RateLimitedLog
-from .buffer import StreamBuffer
+from .buffer import IDLE, StreamBuffer
 from .records import ERROR, finalize
 from .signals import block_signals_in_this_thread
 from .sinks.base import DELIVERED, SendResult, Sink
+from .spool import Spool, replay_all
 
 __all__ = ["DEFAULT_RETRY", "RetryPolicy", "Worker", "in_delivery_thread", "quantity"]
 
@@ -45,6 +46,10 @@ class RetryPolicy:
 
 DEFAULT_RETRY = RetryPolicy()
 
+#: With a spool: the worker looks at it after this many seconds without work, and at most
+#: this often after a delivery; after a replay that failed, it waits ``REPLAY_BACKOFF``.
+REPLAY_EVERY, REPLAY_BACKOFF = 5.0, 30.0
+
 _thread_role = threading.local()
 
 
@@ -63,9 +68,19 @@ class Worker:
     """Its :meth:`run` loops until the buffer is stopped, or closed and drained."""
 
     def __init__(self, buffer: StreamBuffer, sink: Sink, *, retry_deadline: float,
-                 log: RateLimitedLog, retry: RetryPolicy = DEFAULT_RETRY) -> None:
+                 log: RateLimitedLog, retry: RetryPolicy = DEFAULT_RETRY,
+                 spool: Optional[Spool] = None) -> None:
         self.buffer, self.sink, self.log = buffer, sink, log
         self.retry_deadline, self.policy = retry_deadline, retry
+        #: Where records go that cannot be delivered in time, and come back from.
+        self.spool = spool
+        self._next_replay = 0.0
+        self._last_ok = False  # the last attempt delivered something
+        # The batch being delivered, and the segment close() wrote it to when it ran out of
+        # time (:meth:`rescue`); both change under ``_rescue_lock``.
+        self._rescue_lock = threading.Lock()
+        self._inflight: Optional[Tuple[str, Sequence[bytes]]] = None
+        self._rescued: Optional[str] = None
         self.sender = _Sender(sink, retry.max_abandoned) if sink.blocking_io else None
         #: An attempt longer than this is abandoned even with time left, to leave room to retry.
         self.attempt_cap: float = sink.attempt_timeout or retry_deadline
@@ -74,11 +89,17 @@ class Worker:
         """Send batches until stopped; with a ``deadline`` (monotonic), none after it."""
         _thread_role.delivery = True
         try:
+            idle = REPLAY_EVERY if self.spool is not None else None
             while deadline is None or time.monotonic() < deadline:
-                work = self.buffer.take()
+                work = self.buffer.take(idle)
                 if work is None:
                     return
-                self.deliver(*work)
+                if work is not IDLE:
+                    self.deliver(*work)
+                # The spool, once a delivery went through (or, idle, to see if one would).
+                if self.spool is not None and deadline is None and (
+                        work is IDLE or self._last_ok):
+                    self.replay()
         except BaseException:  # pragma: no cover - the last line of defence
             self.log.error("worker-crash", "dxtrack worker stopped unexpectedly", exc_info=True)
         finally:
@@ -89,7 +110,7 @@ class Worker:
         buffer, policy = self.buffer, self.policy
         clock = buffer.clock
         pending: Sequence[bytes] = [finalize(body) for body in bodies]
-        delivered = failed = attempt = 0
+        delivered = failed = spooled = attempt = 0
         started = None
         try:
             while pending:
@@ -97,13 +118,22 @@ class Worker:
                 left = self.retry_deadline if started is None else (
                     started + self.retry_deadline - clock.monotonic())
                 bound = max(min(left, self.attempt_cap), policy.min_attempt)
+                self._hold(stream, pending)
                 result = self._attempt(stream, pending, bound)
                 sent = len(pending) - len(result.retry) - result.failed
                 delivered += sent
-                failed += result.failed
+                self._last_ok = sent > 0
                 buffer.report_attempt(stream, sent > 0)
-                if result.failed:
-                    self._lost(stream, result.failed, failed, result.error or "refused")
+                if self._rescued is not None:  # close() spooled the batch during the attempt
+                    spooled += self._spool(stream, [*result.retry, *result.refused])
+                    failed += result.failed - len(result.refused)
+                    pending = ()
+                    break
+                kept = self._spool(stream, result.refused, result.error) if result.refused else 0
+                spooled += kept
+                failed += result.failed - kept
+                if result.failed > kept:
+                    self._lost(stream, result.failed - kept, failed, result.error or "refused")
                 pending = result.retry
                 if not pending:
                     break
@@ -119,12 +149,84 @@ class Worker:
                     if buffer.wait_backoff(delay, len(pending), hurry):
                         continue
                 why = "retry_deadline passed" if left <= 0 else "the client stopped"
-                failed += len(pending)
-                self._lost(stream, len(pending), failed, f"gave up ({why}): {result.error}")
+                kept = self._spool(stream, pending, f"gave up ({why}): {result.error}")
+                spooled += kept
+                if kept < len(pending):
+                    failed += len(pending) - kept
+                    self._lost(stream, len(pending) - kept, failed,
+                               f"gave up ({why}): {result.error}")
                 pending = ()
         finally:
+            self._hold(stream, ())
             # Anything still pending here means an unexpected exception: count it lost.
-            buffer.settle(stream, first, delivered, failed + len(pending))
+            buffer.settle(stream, first, delivered, failed + len(pending), spooled)
+
+    # -- the spool ---------------------------------------------------------------------
+    def _hold(self, stream: str, lines: Sequence[bytes]) -> None:
+        """Say which lines the batch still has to deliver (none: it is settled)."""
+        with self._rescue_lock:
+            self._inflight = (stream, lines) if lines else None
+
+    def rescue(self) -> Dict[str, int]:
+        """From close(), out of time: write the batch in flight to the spool (held by this
+        process, so nobody replays it while the attempt may still succeed); returns how many
+        records, by stream. The worker keeps there what its attempt does not deliver
+        (:meth:`_spool`)."""
+        with self._rescue_lock:
+            if self.spool is None or self._inflight is None or self._rescued is not None:
+                return {}
+            stream, lines = self._inflight
+            try:
+                self._rescued = self.spool.write(stream, lines, hold=True) or None
+            except OSError as exc:
+                self.log.error("spool", "dxtrack could not write to its spool %s: %s",
+                               self.spool.path, exc)
+                return {}
+            return {stream: len(lines)} if self._rescued else {}
+
+    def _spool(self, stream: str, lines: Sequence[bytes], why: Optional[str] = None) -> int:
+        """Put ``lines`` in the spool instead of losing them; returns how many it took."""
+        with self._rescue_lock:
+            rescued, self._rescued = self._rescued, None
+            self._inflight = None
+        spool = self.spool
+        if spool is None or not lines and rescued is None:
+            return 0
+        if rescued is not None:  # close() wrote the batch already: keep what is undelivered
+            spool.settle_held(rescued, lines)
+            return len(lines)
+        try:
+            if not spool.write(stream, lines):
+                return 0  # more than spool_max_bytes on its own: counted as spool_full
+        except OSError as exc:
+            self.log.error("spool", "dxtrack could not write to its spool %s: %s",
+                           spool.path, exc)
+            return 0
+        self.log.warning(f"spooled:{stream}", "dxtrack could not deliver %s in time (%s); they "
+                         "are safe on disk in %s and will be sent later", quantity(
+                             len(lines), stream), why, spool.path)
+        return len(lines)
+
+    def replay(self) -> None:
+        """Send the oldest spooled segment, when it is time to look (see ``REPLAY_EVERY``)."""
+        spool, now = self.spool, self.buffer.clock.monotonic()
+        if spool is None or now < self._next_replay or self.buffer.stopped:
+            return
+        self._next_replay = now + REPLAY_EVERY
+        if not spool.has_segments():
+            return
+
+        def send(stream: str, lines: List[bytes]) -> List[bytes]:
+            result = self._attempt(stream, lines, max(self.attempt_cap, self.policy.min_attempt))
+            return [*result.retry, *result.refused]
+
+        try:
+            for claim, delivered in replay_all(spool, send, time.monotonic() + REPLAY_EVERY):
+                if delivered < len(claim.lines):
+                    self._next_replay = now + REPLAY_BACKOFF
+                    return
+        except OSError as exc:
+            self.log.error("spool", "dxtrack could not read its spool %s: %s", spool.path, exc)
 
     def _lost(self, stream: str, count: int, in_batch: int, why: str) -> None:
         """Log ``count`` records lost, with the total: those the buffer has settled as failed

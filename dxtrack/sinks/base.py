@@ -24,6 +24,9 @@ class SendResult:
     retry: Sequence[bytes] = ()
     #: How many lines can never be delivered (missing stream, access denied).
     failed: int = 0
+    #: Of those, the lines a later attempt could deliver once the cause is fixed (the call
+    #: was refused: credentials, access, a missing stream), which the disk spool keeps.
+    refused: Sequence[bytes] = ()
     #: What went wrong, for the log; ``None`` when everything was delivered.
     error: Optional[str] = None
 

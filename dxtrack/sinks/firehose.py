@@ -197,8 +197,8 @@ class FirehoseSink(Sink):
         try:
             client = self.client()
         except botocore.exceptions.BotoCoreError as exc:
-            return SendResult(failed=len(lines), error=self._describe(name, exc, "check the "
-                              "AWS profile and credentials given to configure()"))
+            return SendResult(failed=len(lines), refused=lines, error=self._describe(
+                name, exc, "check the AWS profile and credentials given to configure()"))
         oversize = sum(1 for line in lines if len(line) > MAX_RECORD_BYTES)
         if oversize:  # the record builders never make one; refuse it rather than retry it
             lines = [line for line in lines if len(line) <= MAX_RECORD_BYTES]
@@ -213,7 +213,8 @@ class FirehoseSink(Sink):
         note = (f"{oversize} line(s) for {name!r} exceed the Firehose record limit of "
                 f"{MAX_RECORD_BYTES:,} bytes and were not sent")
         return SendResult(retry=result.retry, failed=result.failed + oversize,
-                          error=f"{result.error}; {note}" if result.error else note)
+                          error=f"{result.error}; {note}" if result.error else note,
+                          refused=result.refused)
 
     def _send_calls(self, client: Any, name: str, lines: Sequence[bytes]) -> SendResult:
         """The calls ``lines`` need, in order; one that fails whole decides for the rest."""
@@ -225,7 +226,8 @@ class FirehoseSink(Sink):
             if put.failure is not None:
                 rest = [line for later in calls[index:] for _, carried in later for line in carried]
                 if put.permanent:
-                    return SendResult(retry=retry, failed=len(rest), error=put.failure)
+                    return SendResult(retry=retry, failed=len(rest), error=put.failure,
+                                      refused=rest)
                 return SendResult(retry=retry + rest, error=put.failure)
         if retry:
             return SendResult(retry=retry, error=f"{name}: some records were refused for now "
