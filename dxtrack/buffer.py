@@ -47,7 +47,7 @@ _INTERVAL_JITTER = 0.1
 class _Stream:
     __slots__ = ("name", "queue", "bytes", "enqueued", "taken", "settled", "in_flight", "urgent",
                  "due", "flush_target", "losses", "forgotten", "drops", "checked", "checked_drops",
-                 "outage", "outage_after", "failed", "evicted", "spilled")
+                 "outage", "outage_after", "failed", "evicted", "spilled", "spooled_ahead")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -72,6 +72,7 @@ class _Stream:
         self.failed = 0         # records the worker gave up on
         self.evicted = 0        # records on_full="drop_oldest" took back
         self.spilled = 0        # records on_full="spool" handed to the spool (in ``drops``)
+        self.spooled_ahead = 0  # drained to the spool beyond a batch in flight (not settled)
 
 
 class Checkpoint(NamedTuple):
@@ -411,6 +412,7 @@ class StreamBuffer:
             s = self._streams[stream]
             s.in_flight = False
             s.settled = s.taken
+            s.spooled_ahead = 0
             counts = self._counts
             counts["delivered"] += delivered
             counts["failed"] += failed
@@ -444,8 +446,11 @@ class StreamBuffer:
             s = self._streams[stream]
             self._counts["spooled"] += spooled
             _lose(s, first, count)
-            if not s.in_flight and spooled == count:
-                s.settled = s.taken
+            if spooled == count:
+                if s.in_flight:  # settled with the batch in flight, when the worker settles it
+                    s.spooled_ahead += count
+                else:
+                    s.settled = s.taken
             self._progress.notify_all()
 
     def spilled(self, count: int, written: bool) -> None:
@@ -525,7 +530,7 @@ class StreamBuffer:
         """Per stream, the records that did not reach the sink: failed, dropped or pending."""
         with self._lock:
             return {s.name: s.failed + s.drops - s.spilled + s.evicted + s.enqueued - s.settled
-                    for s in self._streams.values()}
+                    - s.spooled_ahead for s in self._streams.values()}
 
     def snapshot(self) -> Dict[str, object]:
         with self._lock:

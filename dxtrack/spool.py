@@ -249,7 +249,23 @@ class Spool:
             os.close(fd)
             return None
         stream = _stream_of(os.path.basename(path)) or METRIC
-        return Claim(path, fd, stream, self._valid_lines(data))
+        lines = self._valid_lines(data)
+        if sum(map(len, lines)) < len(data):  # torn: counted once, so the file loses them
+            self._rewrite_in_place(path, lines)
+        return Claim(path, fd, stream, lines)
+
+    @staticmethod
+    def _rewrite_in_place(path: str, lines: Sequence[bytes]) -> None:
+        """Make the claimed segment hold ``lines``, in the same file (the claim's lock is on
+        it: a new file under that name would be free for anyone to claim)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            data = b"".join(lines)
+            os.write(fd, data)
+            os.ftruncate(fd, len(data))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _valid_lines(self, data: bytes) -> List[bytes]:
         """The lines of a segment that are whole JSON objects: a line cut short by a crash,

@@ -124,11 +124,6 @@ class Worker:
                 delivered += sent
                 self._last_ok = sent > 0
                 buffer.report_attempt(stream, sent > 0)
-                if self._rescued is not None:  # close() spooled the batch during the attempt
-                    spooled += self._spool(stream, [*result.retry, *result.refused])
-                    failed += result.failed - len(result.refused)
-                    pending = ()
-                    break
                 kept = self._spool(stream, result.refused, result.error) if result.refused else 0
                 spooled += kept
                 failed += result.failed - kept
@@ -157,15 +152,27 @@ class Worker:
                                f"gave up ({why}): {result.error}")
                 pending = ()
         finally:
-            self._hold(stream, ())
-            # Anything still pending here means an unexpected exception: count it lost.
-            buffer.settle(stream, first, delivered, failed + len(pending), spooled)
+            # A batch close() spooled that went out after all leaves the spool; anything
+            # still pending here (an unexpected exception) stays there, or counts as lost.
+            late = self._release(pending)
+            buffer.settle(stream, first, delivered, failed + len(pending) - late, spooled + late)
 
     # -- the spool ---------------------------------------------------------------------
     def _hold(self, stream: str, lines: Sequence[bytes]) -> None:
-        """Say which lines the batch still has to deliver (none: it is settled)."""
+        """Say which lines the batch still has to deliver."""
         with self._rescue_lock:
-            self._inflight = (stream, lines) if lines else None
+            self._inflight = (stream, lines)
+
+    def _release(self, pending: Sequence[bytes]) -> int:
+        """The batch is settled: if close() spooled it meanwhile, only ``pending`` stays in
+        that segment; returns how many records that is."""
+        with self._rescue_lock:
+            rescued, self._rescued = self._rescued, None
+            self._inflight = None
+        if rescued is None or self.spool is None:
+            return 0
+        self.spool.settle_held(rescued, pending)
+        return len(pending)
 
     def rescue(self) -> Dict[str, int]:
         """From close(), out of time: write the batch in flight to the spool (held by this

@@ -73,6 +73,10 @@ class TestSegments:
         claim = spool.claim_oldest()
         assert claim is not None and claim.lines == [line(1), line(2)]
         assert spool.counts["spool_torn"] == 2
+        spool.give_back(claim)  # not delivered: it comes back without what was torn
+        claim = spool.claim_oldest()
+        assert claim is not None and claim.lines == [line(1), line(2)]
+        assert spool.counts["spool_torn"] == 2
 
     def test_a_segment_a_dead_writer_left_is_taken_in(self, tmp_path: Any) -> None:
         spool = Spool(tmp_path, "prod", 1 << 20)
@@ -287,3 +291,64 @@ class TestSettings:
         assert main(["check", "--stage", "test"]) == 0
         [said] = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("spool ")]
         assert said.startswith(f"spool {tmp_path / 'test'}: ok (holds 2 records in 1 segment (")
+
+
+class TestTheBatchInFlightAtClose:
+    """close() out of time while an attempt is under way: the batch goes to the spool, held
+    by this process until the attempt answers. Deterministic: the sink waits on a gate."""
+
+    def spool_of(self, tmp_path: Any) -> Spool:
+        return Spool(tmp_path / "spool", "test", 1 << 20)
+
+    def test_it_is_deleted_when_the_attempt_lands_after_all(
+        self, make_client: Callable[..., DXTrack], tmp_path: Any
+    ) -> None:
+        from sinks_for_tests import GateSink
+
+        sink = GateSink()
+        client = make_client(sink=sink, spool_dir=tmp_path / "spool", buffer_metrics=True)
+        for n in range(10):
+            client.metric("inflight.rows", n)
+        assert not client.flush(timeout=0)  # the ten go out in one batch, which waits
+        assert sink.entered.wait(5)
+        assert not client.close(timeout=0.2)
+        spool = self.spool_of(tmp_path)
+        assert spool.contents()[:2] == (1, 10)
+        assert spool.claim_oldest() is None  # held: the attempt may still deliver
+        sink.release()
+        deadline = time.monotonic() + 10
+        while spool.contents()[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert spool.contents()[:2] == (0, 0)
+        assert len(sink.records("metric")) == 10
+        assert client.stats()["spooled"] == 0
+
+    def test_it_stays_when_the_attempt_fails(
+        self, make_client: Callable[..., DXTrack], tmp_path: Any
+    ) -> None:
+        from sinks_for_tests import GateSink
+
+        from dxtrack import SendResult
+
+        class GateThenDown(GateSink):
+            def deliver(self, stream: str, lines: Any) -> SendResult:
+                return SendResult(retry=lines, error="down (injected)")
+
+        sink = GateThenDown()
+        client = make_client(sink=sink, spool_dir=tmp_path / "spool", buffer_metrics=True)
+        for n in range(10):
+            client.metric("inflight.rows", n)
+        assert not client.flush(timeout=0)  # the ten go out in one batch, which waits
+        assert sink.entered.wait(5)
+        assert not client.close(timeout=0.2)
+        sink.release()
+        spool = self.spool_of(tmp_path)
+        deadline = time.monotonic() + 10
+        claim = None
+        while claim is None and time.monotonic() < deadline:
+            claim = spool.claim_oldest()  # free once the worker has its answer
+            time.sleep(0.01)
+        assert claim is not None and len(claim.lines) == 10
+        assert [orjson.loads(x)["value"] for x in claim.lines] == [float(n) for n in range(10)]
+        assert sink.records("metric") == []
+        assert client.stats()["spooled"] == 10
