@@ -15,8 +15,10 @@ reads what landed from the bucket (``metric/`` and ``error/``) and compares:
   (an id must never change through the spool);
 * lost: emitted keys that never landed (minus what the scenario declares
   unavoidable, shown separately); extra: landed keys no job emitted;
-* spooled / replayed: the jobs' ``stats()``; in spool: lines left in the spool
-  directory at the end;
+* spooled / replayed: the jobs' ``stats()``; swept: what ``dxtrack replay``
+  still had to send once the jobs had ended (a job lingers up to 20 s after it
+  records, until all it emitted landed: background replay had that long); in
+  spool: lines left in the spool directory at the end;
 * drain s: from the end of the outage until the last emitted record landed.
 
 Scenarios (``--scenario NAME``, repeatable; ``--quick`` for smaller counts):
@@ -325,6 +327,7 @@ class Outcome:
     extra: int = 0
     spooled: int = 0
     replayed: int = 0
+    swept: int = 0         # records ``dxtrack replay`` had to deliver after the jobs ended
     in_spool: int = 0
     drain: Optional[float] = None
     seconds: float = 0.0
@@ -343,14 +346,14 @@ class Outcome:
 
 
 COLUMNS = ("scenario", "emitted", "landed", "dup", "lost", "unavoidable", "spooled",
-           "replayed", "in spool", "drain s", "wall s", "verdict")
+           "replayed", "swept", "in spool", "drain s", "wall s", "verdict")
 
 
 def row(outcome: Outcome) -> List[str]:
     drain = "-" if outcome.drain is None else f"{outcome.drain:.1f}"
     return [outcome.scenario, *(f"{getattr(outcome, k):,}" for k in (
         "emitted", "landed", "duplicates", "lost", "unavoidable", "spooled", "replayed",
-        "in_spool")), drain, f"{outcome.seconds:.1f}", "ok" if outcome.passed else "FAIL"]
+        "swept", "in_spool")), drain, f"{outcome.seconds:.1f}", "ok" if outcome.passed else "FAIL"]
 
 
 def table(outcomes: List[Outcome]) -> str:
@@ -509,12 +512,43 @@ class Run:
         return True
 
     def in_spool(self) -> int:
-        lines = 0
+        """Lines in the spool's files, whole or not."""
+        return len(self.spool_lines())
+
+    def spool_lines(self) -> List[bytes]:
+        lines: List[bytes] = []
         for folder, _, names in os.walk(self.spool):
             for name in names:
-                with open(os.path.join(folder, name), "rb") as f:
-                    lines += f.read().count(b"\n")
+                try:
+                    with open(os.path.join(folder, name), "rb") as f:
+                        lines += f.read().splitlines()
+                except FileNotFoundError:  # delivered meanwhile
+                    continue
         return lines
+
+    def spool_keys(self) -> Set[str]:
+        keys = set()
+        for line in self.spool_lines():
+            try:
+                meta = json.loads(line)["metadata"]
+                keys.add(f"{meta['job']}/{meta['worker']}/{meta['seq']}")
+            except (ValueError, KeyError, TypeError):
+                continue
+        return keys
+
+    def sweep(self) -> None:
+        """After the jobs: ``dxtrack replay`` sends what the spool still holds, if anything
+        (counted as ``swept``: the jobs did not replay it themselves)."""
+        before = self.in_spool()
+        if not before:
+            return
+        status, output = self.replay(timeout=60)
+        self.outcome.swept = before - self.in_spool()
+        self.note(f"{before:,} lines left in the spool after the jobs; dxtrack replay exit "
+                  f"{status}: {output[-200:]!r}")
+        if status != 0:
+            self.fail(f"dxtrack replay (the sweep) exited {status}: {output[-300:]}")
+        self.drained()
 
     def stats(self, job: Job) -> Dict[str, Any]:
         """The job's ``stats()`` at exit (or at its last status), its pool workers' added."""
@@ -566,9 +600,10 @@ class Run:
                 out.dropped[reason] = out.dropped.get(reason, 0) + n
         if out.lost > unavoidable:
             missing = sorted(emitted - landed_keys)
+            stuck = len(emitted & self.spool_keys() - landed_keys)
             self.fail(f"{out.lost - unavoidable:,} lost beyond the {unavoidable:,} declared "
-                      f"unavoidable (e.g. {', '.join(missing[:3])}); {out.in_spool:,} lines "
-                      f"left in the spool")
+                      f"unavoidable (e.g. {', '.join(missing[:3])}); {stuck:,} of them are "
+                      "still in the spool")
         if out.duplicates:
             self.fail(f"{out.duplicates:,} duplicates")
         if out.extra:
@@ -630,6 +665,7 @@ def outage(run: Run, quick: bool) -> Outcome:
     run.start(job)
     run.recover(after=2 * RETRY_DEADLINE)
     run.finish(job, timeout=60)
+    run.sweep()
     return run.count()
 
 
@@ -646,6 +682,7 @@ def exit_in_outage(run: Run, quick: bool) -> Outcome:
     second = Job("second", count=100 if quick else 300, seconds=1.0, linger=20.0)
     run.start(second)
     run.finish(second, timeout=60)
+    run.sweep()
     if run.stats(second).get("replayed", 0) < run.stats(first).get("spooled", 0):
         run.note(f"second replayed {run.stats(second).get('replayed', 0):,} of the "
                  f"{run.stats(first).get('spooled', 0):,} the first spooled")
@@ -685,6 +722,7 @@ def pool(run: Run, quick: bool) -> Outcome:
     run.start(job)
     run.recover(after=2 * RETRY_DEADLINE)
     run.finish(job, timeout=60)
+    run.sweep()
     return run.count()
 
 
@@ -749,6 +787,7 @@ def overflow(run: Run, quick: bool) -> Outcome:
     run.start(job)
     run.recover(after=2 * RETRY_DEADLINE)
     run.finish(job, timeout=60)
+    run.sweep()
     return run.count()
 
 
@@ -763,6 +802,7 @@ def throttle(run: Run, quick: bool) -> Outcome:
     run.start(job)
     run.recover(after=3 * RETRY_DEADLINE)
     run.finish(job, timeout=60)
+    run.sweep()
     return run.count()
 
 
