@@ -16,9 +16,10 @@ reads what landed from the bucket (``metric/`` and ``error/``) and compares:
 * lost: emitted keys that never landed (minus what the scenario declares
   unavoidable, shown separately); extra: landed keys no job emitted;
 * spooled / replayed: the jobs' ``stats()``; swept: what ``dxtrack replay``
-  still had to send once the jobs had ended (a job lingers up to 20 s after it
-  records, until all it emitted landed: background replay had that long); in
-  spool: lines left in the spool directory at the end;
+  took out of the spool (where a scenario runs it, and once the jobs ended if
+  they left anything: a job lingers up to 20 s after it records, until all it
+  emitted landed, so background replay had that long); in spool: lines left in
+  the spool directory at the end;
 * drain s: from the end of the outage until the last emitted record landed.
 
 Scenarios (``--scenario NAME``, repeatable; ``--quick`` for smaller counts):
@@ -110,6 +111,7 @@ class Job:
     phase2: int = 0             # ... and record this many more
     linger: float = 0.0         # then wait up to this long for the harness's ``stop`` file
     hold: bool = False          # or stay until killed
+    pad: int = 0                # characters of padding in each record's metadata
     options: Dict[str, Any] = field(default_factory=dict)  # more configure() options
 
 
@@ -128,7 +130,7 @@ def _write_json(path: str, data: Any) -> None:
 
 
 def _record(name: str, worker: int, count: int, seconds: float, keys: str,
-            first: int = 0) -> None:
+            first: int = 0, pad: int = 0) -> None:
     """Record ``count`` keyed records, paced over ``seconds``; append each key once returned."""
     from dxtrack import dxtrack
 
@@ -136,7 +138,9 @@ def _record(name: str, worker: int, count: int, seconds: float, keys: str,
     started = time.monotonic()
     try:
         for seq in range(first, first + count):
-            metadata = {"job": name, "worker": worker, "seq": seq}
+            metadata: Dict[str, Any] = {"job": name, "worker": worker, "seq": seq}
+            if pad:
+                metadata["pad"] = "x" * pad
             if seq % ERROR_EVERY == ERROR_EVERY - 1:
                 try:
                     raise RuntimeError(f"chaos {name}/{worker}/{seq}")
@@ -199,7 +203,7 @@ def child_job(spec_path: str) -> None:
         # The parent records once too: a delivery of its own lets it replay what is left.
         _record(job.name, -1, 1, 0.0, files.keys)
     else:
-        _record(job.name, 0, job.count, job.seconds, files.keys)
+        _record(job.name, 0, job.count, job.seconds, files.keys, pad=job.pad)
     if job.wait_spooled:
         deadline = time.monotonic() + job.wait_spooled
         while dxtrack.stats().get("spooled", 0) < job.count and time.monotonic() < deadline:
@@ -468,12 +472,15 @@ class Run:
                    "--region", REGION]
         env = dict(child_env(), DXTRACK_RETRY_DEADLINE=str(RETRY_DEADLINE),
                    DXTRACK_SHUTDOWN_TIMEOUT=str(SHUTDOWN_TIMEOUT))
+        before = self.in_spool()
         try:
             done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True,
                                   text=True, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             self.fail(f"dxtrack replay still running after {timeout:.0f} s")
             return None, str(exc.stdout or "") + str(exc.stderr or "")
+        finally:
+            self.outcome.swept += max(0, before - self.in_spool())
         return done.returncode, (done.stdout + done.stderr).strip()
 
     def stderr_tail(self, job: Job, lines: int = 3) -> str:
@@ -543,7 +550,6 @@ class Run:
         if not before:
             return
         status, output = self.replay(timeout=60)
-        self.outcome.swept = before - self.in_spool()
         self.note(f"{before:,} lines left in the spool after the jobs; dxtrack replay exit "
                   f"{status}: {output[-200:]!r}")
         if status != 0:
@@ -745,7 +751,8 @@ def sigkill(run: Run, quick: bool) -> Outcome:
     status_code, output = run.replay(timeout=30)
     if status_code != 0:
         run.fail(f"dxtrack replay exited {status_code}: {output[-300:]}")
-    run.drained()
+    elif run.recovered is not None:  # all that can land did (drained() waits for the rest)
+        run.outcome.drain = time.monotonic() - run.recovered
     run.note(f"replay: {output[-200:]!r}")
     # The kill cannot be handled: records in memory then are the bound on what may be lost.
     return run.count(unavoidable=pending)
@@ -753,9 +760,13 @@ def sigkill(run: Run, quick: bool) -> Outcome:
 
 @scenario("spool-full")
 def spool_full(run: Run, quick: bool) -> Outcome:
-    """A 64 KiB spool through an outage that spools far more: the oldest segments go."""
-    job = Job("full", count=600 if quick else 1500, seconds=6.0 if quick else 8.0,
-              options={"spool_max_bytes": 64 << 10})
+    """A 1 MiB spool (the least allowed) through an outage that spools twice that: the oldest
+    segments go, counted as spool_full, and nothing else is lost (the job records in order,
+    so every record dropped is older than every record kept of its stream)."""
+    # ~2.2 KB a record at ~100 a second: each segment (what passed a deadline, then what the
+    # exit flush had left) holds well under the limit, and together they are twice as much.
+    job = Job("full", count=800 if quick else 1200, seconds=8.0 if quick else 12.0,
+              pad=2000, options={"spool_max_bytes": 1 << 20})
     run.outage(failure(500))
     run.start(job)
     run.finish(job, timeout=40, until_landed=False)
@@ -770,11 +781,15 @@ def spool_full(run: Run, quick: bool) -> Outcome:
     outcome = run.count(unavoidable=full)
     if outcome.lost != full:
         run.fail(f"lost {outcome.lost:,}, but dropped['spool_full'] says {full:,}")
-    lost = sorted(int(key.rsplit("/", 1)[1]) for key in run.emitted() - set(run.landed.keys))
-    kept = sorted(int(key.rsplit("/", 1)[1]) for key in run.landed.keys)
-    if lost and kept and max(lost) > min(kept):
-        run.note(f"not only the oldest were dropped: lost up to seq {max(lost)}, kept from "
-                 f"seq {min(kept)}")
+    for stream, errors in (("metric", False), ("error", True)):  # each stream its segments
+        def seqs(keys: Set[str], errors: bool = errors) -> List[int]:
+            numbers = (int(key.rsplit("/", 1)[1]) for key in keys)
+            return sorted(n for n in numbers if (n % ERROR_EVERY == ERROR_EVERY - 1) == errors)
+
+        lost, kept = seqs(run.emitted() - set(run.landed.keys)), seqs(set(run.landed.keys))
+        if lost and kept and max(lost) > min(kept):
+            run.fail(f"not only the oldest {stream}s were dropped: lost up to seq {max(lost)}, "
+                     f"kept from seq {min(kept)}")
     return outcome
 
 
@@ -793,10 +808,11 @@ def overflow(run: Run, quick: bool) -> Outcome:
 
 @scenario("throttle")
 def throttle(run: Run, quick: bool) -> Outcome:
-    """A storm: most calls throttled, many entries throttled, empty 200s, 503s, slowness."""
-    storm = mixed((5, throttled()), (3, throttle_entries(0.6, seed=3)), (1, empty()),
+    """A storm: half the calls throttled, a quarter with 80 % of their entries throttled,
+    empty 200s, 503s, slow answers; one call in 17 forwarded as it is."""
+    storm = mixed((8, throttled()), (4, throttle_entries(0.8, seed=3)), (1, empty()),
                   (1, empty(b'{"FailedPutCount": 0}')), (1, failure(503)), (1, slow(0.3)),
-                  seed=5)
+                  (1, forward()), seed=5)
     job = Job("storm", count=500 if quick else 1500, seconds=6.0, linger=20.0)
     run.outage(storm)
     run.start(job)
