@@ -32,8 +32,11 @@ Scenarios (``--scenario NAME``, repeatable; ``--quick`` for smaller counts):
 * ``replay-command``: a job exits while connections are refused; ``dxtrack
   replay`` run during the outage must fail without losing anything, then
   drain the spool after recovery (exit 0), and again find it empty (exit 0).
-* ``pool``: a ``with Pool(4)`` job whose workers record through 4 s of reset
-  connections, all spooling into one directory.
+* ``pool``: a ``with Pool(4)`` job whose workers record into reset
+  connections and are SIGTERMed by the pool's exit while the outage lasts: each
+  spools what is left, into one directory; the parent replays it all.
+* ``replay-race``: a spool of many segments, then three ``dxtrack replay`` at
+  once: a segment is claimed by one of them, so nothing is sent twice.
 * ``sigkill``: a job killed with SIGKILL during an outage, after what passed
   ``retry_deadline`` was spooled and while more records are in memory: those
   are the unavoidable loss (its last ``stats()["pending"]`` before the kill is
@@ -63,6 +66,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -464,9 +468,10 @@ class Run:
             pass
         process.wait()
 
-    def replay(self, timeout: float = 30.0) -> Tuple[Optional[int], str]:
+    def replay(self, timeout: float = 30.0, count: bool = True) -> Tuple[Optional[int], str]:
         """``dxtrack replay`` through the proxy; its exit status (None: it hung and was
-        killed) and its output."""
+        killed) and its output. What it took out of the spool counts as swept (unless
+        ``count`` is False: replays running at once would count each other's)."""
         command = [sys.executable, "-m", "dxtrack", "replay", "--stage", STAGE,
                    "--spool-dir", self.spool, "--endpoint-url", self.proxy.url,
                    "--region", REGION]
@@ -480,7 +485,8 @@ class Run:
             self.fail(f"dxtrack replay still running after {timeout:.0f} s")
             return None, str(exc.stdout or "") + str(exc.stderr or "")
         finally:
-            self.outcome.swept += max(0, before - self.in_spool())
+            if count:
+                self.outcome.swept += max(0, before - self.in_spool())
         return done.returncode, (done.stdout + done.stderr).strip()
 
     def stderr_tail(self, job: Job, lines: int = 3) -> str:
@@ -722,13 +728,48 @@ def replay_command(run: Run, quick: bool) -> Outcome:
 
 @scenario("pool")
 def pool(run: Run, quick: bool) -> Outcome:
-    """Four pool workers record through 4 s of reset connections into one spool."""
-    job = Job("pool", workers=4, count=150 if quick else 400, seconds=5.0, linger=20.0)
+    """Four pool workers record for 1.5 s into reset connections; the ``with`` block's
+    terminate() SIGTERMs them while the outage lasts, so each spools what is left into the
+    one directory; after recovery the parent's own delivery lets it replay them all."""
+    job = Job("pool", workers=4, count=150 if quick else 400, seconds=1.5, linger=20.0)
     run.outage(reset())
     run.start(job)
     run.recover(after=2 * RETRY_DEADLINE)
     run.finish(job, timeout=60)
     run.sweep()
+    run.note("spooled counts the workers' stats() when their task returned, before the "
+             "SIGTERM that spools; replayed is the parent's")
+    return run.count()
+
+
+@scenario("replay-race")
+def replay_race(run: Run, quick: bool) -> Outcome:
+    """Many segments (on_full='spool', a 100-record buffer, a job exiting in an outage),
+    then three ``dxtrack replay`` at once: each segment is claimed by one of them."""
+    job = Job("many", count=600 if quick else 2000, seconds=2.0,
+              options={"on_full": "spool", "max_buffer_records": 100})
+    run.outage(refuse())
+    run.start(job)
+    run.finish(job, timeout=30, until_landed=False)
+    run.note(f"{len(os.listdir(os.path.join(run.spool, STAGE)))} files in the spool")
+    run.recover()
+    results: List[Tuple[Optional[int], str]] = []
+    racers = [threading.Thread(target=lambda: results.append(run.replay(60, count=False)))
+              for _ in range(3)]
+    before = run.in_spool()
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join()
+    run.outcome.swept += before - run.in_spool()
+    statuses = [status for status, _ in results]
+    run.note(f"racing replays exited {statuses}")
+    if any(status not in (0, 1) for status in statuses):
+        run.fail(f"a racing dxtrack replay exited {statuses}: {results}")
+    status, output = run.replay(timeout=30)
+    if status != 0:
+        run.fail(f"dxtrack replay after the race exited {status}: {output[-300:]}")
+    run.drained()
     return run.count()
 
 
