@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAGE  ?= dev
 
-.PHONY: test test-full demo stress bench lint typecheck clean
+.PHONY: test test-full demo stress chaos bench lint typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ demo: $(VENV)/.test-installed
 # duplicated or hung (not part of `make test`). Options: make stress ARGS='--runs-pool 50'.
 stress: $(VENV)/.test-installed
 	$(BIN)/python tests/stress.py $(ARGS)
+
+# Outages, exits, SIGKILL, a full spool and throttling storms against jobs run as processes,
+# through a fault proxy in front of moto: every record lands once via the disk spool, or the
+# loss is declared (not part of `make test`; a few minutes). Options: make chaos ARGS='--quick'.
+chaos: $(VENV)/.test-installed
+	$(BIN)/python tests/chaos.py $(ARGS)
 
 bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/run.py

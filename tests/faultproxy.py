@@ -8,25 +8,52 @@ to the upstream unchanged, unless a behaviour was scripted for it::
         proxy.always(truncated())                   # every one after those
         client.configure(endpoint_url=proxy.url, ...)
 
-Only :func:`forward` and :func:`partial` reach the upstream: the other
-behaviours store nothing, so a retry cannot duplicate. Every request is kept
-in :attr:`FaultProxy.requests`, in arrival order.
+An outage in time, for processes that run through it::
+
+    proxy.timeline([(0.0, refuse()), (4.0, throttled()), (6.0, forward())])
+
+from then on every request gets ``refuse()`` (nothing listens on the port:
+connections are refused), from 4 s ``throttled()``, from 6 s it is forwarded.
+:attr:`FaultProxy.switches` says when each step took effect.
+
+Only :func:`forward`, :func:`partial`, :func:`throttle_entries` and
+:func:`slow` reach the upstream: the other behaviours store nothing, so a retry
+cannot duplicate (:func:`slow` can, when the client gives up before it
+forwards). Every request is kept in :attr:`FaultProxy.requests`, in arrival
+order.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import http.client
 import http.server
 import json
+import random
 import socket
 import struct
 import threading
-from typing import Any, Callable, Iterable, Iterator, List, NamedTuple, Set, Tuple
+import time
+from typing import (
+    Any,
+    Callable,
+    Iterable,
+    Iterator,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+)
 from urllib.parse import urlsplit
 
-__all__ = ["FaultProxy", "Seen", "answer", "forward", "partial", "reset", "trickle", "truncated"]
+__all__ = [
+    "FaultProxy", "Seen", "answer", "empty", "failure", "forward", "mixed", "partial", "refuse",
+    "reset", "slow", "throttle_entries", "throttled", "trickle", "truncated",
+]
 
 JSON = "application/x-amz-json-1.1"
 THROTTLED = {"ErrorCode": "ServiceUnavailableException", "ErrorMessage": "Slow down (injected)"}
@@ -105,20 +132,98 @@ def partial(failed_indexes: Iterable[int]) -> Behaviour:
     failed = set(failed_indexes)
 
     def run(handler: _Handler, seen: Seen) -> None:
-        entries = seen.body["Records"]
-        kept = [entry for index, entry in enumerate(entries) if index not in failed]
-        ids: Iterator[Any] = iter([])
-        if kept:
-            raw = json.dumps(dict(seen.body, Records=kept)).encode()
-            status, headers, body = handler.proxy.upstream_call(seen._replace(raw=raw))
-            if status != 200:
-                return handler.reply(status, headers, body)
-            ids = iter(json.loads(body)["RequestResponses"])
-        results = [THROTTLED if index in failed else next(ids) for index in range(len(entries))]
-        reply = {"Encrypted": False, "FailedPutCount": len(entries) - len(kept),
-                 "RequestResponses": results}
-        handler.reply(200, [("Content-Type", JSON)], json.dumps(reply).encode())
+        _fail_entries(handler, seen, failed)
     return run
+
+
+def throttle_entries(fraction: float, seed: Optional[int] = None) -> Behaviour:
+    """:func:`partial` with each entry of each PutRecordBatch failed with probability
+    ``fraction`` (other calls are forwarded)."""
+    rng = random.Random(seed)
+    lock = threading.Lock()
+
+    def run(handler: _Handler, seen: Seen) -> None:
+        entries = seen.body.get("Records") if isinstance(seen.body, dict) else None
+        if not entries:
+            return forward()(handler, seen)
+        with lock:
+            failed = {index for index in range(len(entries)) if rng.random() < fraction}
+        _fail_entries(handler, seen, failed)
+    return run
+
+
+def _fail_entries(handler: _Handler, seen: Seen, failed: Set[int]) -> None:
+    entries = seen.body["Records"]
+    kept = [entry for index, entry in enumerate(entries) if index not in failed]
+    ids: Iterator[Any] = iter([])
+    if kept:
+        raw = json.dumps(dict(seen.body, Records=kept)).encode()
+        status, headers, body = handler.proxy.upstream_call(seen._replace(raw=raw))
+        if status != 200:
+            return handler.reply(status, headers, body)
+        ids = iter(json.loads(body)["RequestResponses"])
+    results = [THROTTLED if index in failed else next(ids) for index in range(len(entries))]
+    reply = {"Encrypted": False, "FailedPutCount": len(entries) - len(kept),
+             "RequestResponses": results}
+    handler.reply(200, [("Content-Type", JSON)], json.dumps(reply).encode())
+
+
+def failure(status: int = 500, code: str = "", message: str = "injected") -> Behaviour:
+    """An error answer as AWS's JSON protocol writes one: ``status`` with
+    ``{"__type": code, "message": message}`` (``code`` by default: ``InternalFailure`` for
+    a 500, ``ServiceUnavailableException`` for a 503, else ``InternalFailure``)."""
+    code = code or {503: "ServiceUnavailableException"}.get(status, "InternalFailure")
+    return answer(status, json.dumps({"__type": code, "message": message}).encode())
+
+
+def throttled(message: str = "Rate exceeded (injected)") -> Behaviour:
+    """The call as a whole refused as throttled: HTTP 400, ``ThrottlingException``."""
+    return failure(400, "ThrottlingException", message)
+
+
+def empty(body: bytes = b"{}") -> Behaviour:
+    """A 200 with no result per record (``{}``, or ``{"FailedPutCount": 0}``): it proves
+    nothing was delivered, and nothing was."""
+    return answer(200, body)
+
+
+def slow(seconds: float, then: Optional[Behaviour] = None) -> Behaviour:
+    """Wait ``seconds`` (less if the proxy closes), then ``then`` (:func:`forward`)."""
+    after = then or forward()
+
+    def run(handler: _Handler, seen: Seen) -> None:
+        if not handler.proxy.closing.wait(seconds):
+            after(handler, seen)
+    return run
+
+
+def mixed(*weighted: Tuple[float, Behaviour], seed: Optional[int] = None) -> Behaviour:
+    """Each request gets one of the behaviours, drawn by weight: ``mixed((3, throttled()),
+    (1, forward()))`` throttles about three calls in four."""
+    rng = random.Random(seed)
+    lock = threading.Lock()
+    weights = [weight for weight, _ in weighted]
+    choices = [behaviour for _, behaviour in weighted]
+
+    def run(handler: _Handler, seen: Seen) -> None:
+        with lock:
+            behaviour = rng.choices(choices, weights)[0]
+        behaviour(handler, seen)
+    return run
+
+
+def refuse() -> Behaviour:
+    """Nothing listens on the proxy's port: every connection is refused (and those open are
+    closed) until another behaviour is set with :meth:`FaultProxy.always` or a timeline.
+    It answers no request, so it cannot be :meth:`FaultProxy.script`-ed."""
+    def run(handler: _Handler, seen: Seen) -> None:  # a request let in as the port closed
+        reset()(handler, seen)
+    run.refuses = True  # type: ignore[attr-defined]
+    return run
+
+
+def _refuses(behaviour: Behaviour) -> bool:
+    return bool(getattr(behaviour, "refuses", False))
 
 
 def _head(status: int, headers: List[Tuple[str, str]], length: int) -> bytes:
@@ -171,6 +276,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 class _Server(http.server.ThreadingHTTPServer):
     proxy: FaultProxy
+    request_queue_size = 64  # a pool of clients connecting at once after an outage
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Quiet about connections the proxy closed under a handler (refuse, close)."""
+        if not self.proxy.closing.is_set() and not self.proxy.refusing:
+            super().handle_error(request, client_address)
 
 
 class FaultProxy:
@@ -179,27 +290,79 @@ class FaultProxy:
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.rstrip("/")
         self.requests: List[Seen] = []
+        #: ``(time.monotonic(), behaviour)`` for each :meth:`always`, timelines' steps included.
+        self.switches: List[Tuple[float, Behaviour]] = []
         self.closing = threading.Event()
         self._queue: List[Behaviour] = []
         self._then: Behaviour = forward()
         self._changed = threading.Condition()
         self._sockets: Set[socket.socket] = set()
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        self._server.proxy = self
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.05,), name="faultproxy", daemon=True
-        )
+        self._listening = threading.Lock()  # held while the server starts or stops
+        self._timelines: List[threading.Thread] = []
+        self._generation = 0
+        self._server: Optional[_Server] = self._bind(0)
+        self.port = self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread: Optional[threading.Thread] = None
+        self._started = False
+
+    @property
+    def refusing(self) -> bool:
+        """Whether the port is closed (:func:`refuse`)."""
+        return _refuses(self._then)
 
     def script(self, *behaviours: Behaviour) -> None:
         """Queue behaviours for the next requests, one each, in order."""
+        if any(map(_refuses, behaviours)):
+            raise ValueError("refuse() answers no request: use always() or timeline()")
         with self._changed:
             self._queue.extend(behaviours)
 
     def always(self, behaviour: Behaviour) -> None:
-        """What every request gets once the queue is empty (:func:`forward` at first)."""
+        """What every request gets once the queue is empty (:func:`forward` at first);
+        :func:`refuse` closes the port, any other behaviour opens it again."""
+        with self._listening:
+            with self._changed:
+                self._then = behaviour
+                self.switches.append((time.monotonic(), behaviour))
+            if self.closing.is_set() or not self._started:
+                return  # not started, or closed: nothing to open or shut
+            if _refuses(behaviour):
+                self._stop_serving()
+            elif self._server is None:
+                self._server = self._bind(self.port)
+                self._serve()
+
+    def timeline(self, steps: Sequence[Tuple[float, Behaviour]]) -> threading.Event:
+        """Set each behaviour with :meth:`always` at its offset in seconds from now; steps at
+        0 (or before) take effect before this returns. Returns an event set once the last
+        step took effect. A new timeline cancels the steps of the previous one not yet taken."""
+        ordered = sorted(steps, key=lambda step: step[0])
         with self._changed:
-            self._then = behaviour
+            self._generation += 1
+            generation = self._generation
+        started = time.monotonic()
+        finished = threading.Event()
+        while ordered and ordered[0][0] <= 0:
+            self.always(ordered.pop(0)[1])
+
+        def run() -> None:
+            for offset, behaviour in ordered:
+                if self.closing.wait(max(0.0, started + offset - time.monotonic())):
+                    return
+                with self._changed:
+                    if generation != self._generation:
+                        return
+                self.always(behaviour)
+            finished.set()
+
+        if ordered:
+            thread = threading.Thread(target=run, name="faultproxy-timeline", daemon=True)
+            self._timelines.append(thread)
+            thread.start()
+        else:
+            finished.set()
+        return finished
 
     def calls(self, operation: str = "PutRecordBatch") -> List[Seen]:
         """The requests whose target names ``operation``."""
@@ -228,8 +391,51 @@ class FaultProxy:
             self._changed.notify_all()
             return self._queue.pop(0) if self._queue else self._then
 
-    def __enter__(self) -> FaultProxy:
+    def _bind(self, port: int) -> _Server:
+        """A server on ``port`` (0: any); the port of a closed one may still be taken for a
+        moment by a connection of ours, so binding it again is retried for a few seconds."""
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                server = _Server(("127.0.0.1", port), _Handler)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+                continue
+            server.proxy = self
+            return server
+
+    def _serve(self) -> None:
+        assert self._server is not None
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name="faultproxy", daemon=True
+        )
         self._thread.start()
+
+    def _stop_serving(self) -> None:
+        """Stop accepting, close the listening socket and every open connection."""
+        server, thread, self._server = self._server, self._thread, None
+        if server is None:
+            return
+        if thread is not None and thread.is_alive():
+            server.shutdown()
+        with self._changed:
+            sockets = list(self._sockets)
+        for sock in sockets:  # idle keep-alive connections would block server_close()
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        server.server_close()
+        if thread is not None:
+            thread.join(10)
+
+    def __enter__(self) -> FaultProxy:
+        with self._listening:
+            self._started = True
+            if self.refusing:
+                self._stop_serving()
+            else:
+                self._serve()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -238,12 +444,7 @@ class FaultProxy:
     def close(self) -> None:
         """Stop serving, end every open connection (and trickle) and join the threads."""
         self.closing.set()
-        if self._thread.is_alive():
-            self._server.shutdown()
-        with self._changed:
-            sockets = list(self._sockets)
-        for sock in sockets:  # idle keep-alive connections would block server_close()
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        self._server.server_close()
-        self._thread.join(10)
+        with self._listening:
+            self._stop_serving()
+        for thread in self._timelines:
+            thread.join(10)
