@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 import logging
 import math
@@ -36,8 +37,6 @@ REQUIRED = {"metric": ("stage", "context", "run_id"), "check": ("stage",), "setu
             "replay": ("stage",)}
 #: The settings ``dxtrack setup`` takes as flags: where, and with which credentials.
 SETUP_FLAGS = ("stage", "profile_name", "region_name", "endpoint_url")
-#: Attempts ``dxtrack replay`` makes per segment while the endpoint throttles or blips.
-REPLAY_ATTEMPTS = 5
 #: The default delivery mode, whatever the environment says: each record is waited for.
 SYNCHRONOUS = {"use_async_requests": False, "buffer_metrics": False}
 
@@ -384,15 +383,18 @@ def _replay(args: argparse.Namespace) -> int:
     sink = sink_for(config)
 
     def send(stream: str, lines: List[bytes]) -> List[bytes]:
+        """One segment: retried, as the library does, until ``retry_deadline`` passes."""
         pending: List[bytes] = lines
-        for attempt in range(REPLAY_ATTEMPTS):  # throttling and blips: a few tries
+        deadline = time.monotonic() + config.retry_deadline
+        for attempt in itertools.count():
             result = sink.send(stream, pending)
             if result.error:
                 print(f"  {result.error}", flush=True)
             pending = [*result.retry, *result.refused]
-            if not result.retry:
+            pause = min(8.0, 0.5 * 2 ** attempt)
+            if not result.retry or time.monotonic() + pause > deadline:
                 break
-            time.sleep(min(8.0, 0.5 * 2 ** attempt))
+            time.sleep(pause)
         return pending
 
     try:

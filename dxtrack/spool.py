@@ -34,7 +34,7 @@ __all__ = ["Claim", "Spiller", "Spool", "replay_all"]
 #: A ``.tmp`` segment this old, that nobody holds, was left by a writer that died.
 ABANDONED_AFTER = 30.0
 _STREAMS = (METRIC, ERROR)
-_SUFFIX, _PARTIAL = ".jsonl", ".tmp"
+_SUFFIX, _PARTIAL, _REWRITE = ".jsonl", ".tmp", ".replacing"
 _numbers = itertools.count()
 
 
@@ -46,6 +46,19 @@ class Claim:
     fd: int
     stream: str
     lines: List[bytes]
+
+
+def _newest_within(lines: Sequence[bytes], max_bytes: int) -> List[bytes]:
+    """The newest of ``lines`` that fit in ``max_bytes``, in order."""
+    kept: List[bytes] = []
+    size = 0
+    for line in reversed(lines):
+        size += len(line)
+        if size > max_bytes:
+            break
+        kept.append(line)
+    kept.reverse()
+    return kept
 
 
 def _stream_of(name: str) -> Optional[str]:
@@ -68,13 +81,16 @@ class Spool:
     def write(self, stream: str, lines: Sequence[bytes], *, hold: bool = False) -> str:
         """Put ``lines`` (finished, newline-terminated) in a new segment, on disk (fsynced)
         before this returns its path; with ``hold``, this process keeps it claimed (see
-        :meth:`settle_held`). Returns "" for lines more than ``max_bytes`` on their own
-        (counted as ``spool_full``); raises ``OSError`` when the disk refuses."""
+        :meth:`settle_held`). Lines more than ``max_bytes`` in all lose their oldest, counted
+        as ``spool_full`` ("" when none is left); raises ``OSError`` when the disk refuses."""
         data = b"".join(lines)
         if len(data) > self.max_bytes:
+            kept = _newest_within(lines, self.max_bytes)
             with self._lock:
-                self.counts["spool_full"] += len(lines)
-            return ""
+                self.counts["spool_full"] += len(lines) - len(kept)
+            if not kept:
+                return ""
+            lines, data = kept, b"".join(kept)
         self._make_room(len(data))
         self.make_directory()
         name = f"{stream}-{time.time_ns():020d}-{os.getpid()}-{next(_numbers)}"
@@ -286,14 +302,18 @@ class Spool:
 
     def _adopt_abandoned(self) -> None:
         """Take in ``.tmp`` segments whose writer died: old (a writer takes milliseconds), and
-        not held."""
+        not held. A rewrite's ``.replacing`` file left behind is deleted: the segment it was
+        to replace is still whole."""
         try:
-            entries = [e for e in os.scandir(self.path) if e.name.endswith(_PARTIAL)]
+            entries = [e for e in os.scandir(self.path) if e.name.endswith((_PARTIAL, _REWRITE))]
         except FileNotFoundError:
             return
         for entry in entries:
             try:
                 if time.time() - entry.stat().st_mtime < ABANDONED_AFTER:
+                    continue
+                if entry.name.endswith(_REWRITE):
+                    os.unlink(entry.path)
                     continue
                 fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
@@ -308,7 +328,7 @@ class Spool:
 
     def _replace(self, path: str, lines: Sequence[bytes]) -> None:
         """Atomically make the segment at ``path`` hold only ``lines``."""
-        partial = f"{path}.{os.getpid()}{_PARTIAL}"
+        partial = f"{path}.{os.getpid()}{_REWRITE}"
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, b"".join(lines))

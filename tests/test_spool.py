@@ -101,8 +101,26 @@ class TestSegments:
             claims.append(claim)
         assert [c.lines[0] for c in claims] == [line(20), line(30), line(40)]
         assert spool.counts["spool_full"] == 20
-        lonely = spool.write("metric", [line(n) for n in range(31)])  # more than the limit
-        assert lonely == "" and spool.counts["spool_full"] == 51
+
+    def test_a_batch_larger_than_the_spool_keeps_its_newest_records(self, tmp_path: Any) -> None:
+        spool = Spool(tmp_path, "prod", len(line(100)) * 10)
+        assert spool.write("metric", [line(100 + n) for n in range(15)])
+        claim = spool.claim_oldest()
+        assert claim is not None and claim.lines == [line(105 + n) for n in range(10)]
+        assert (spool.counts["spool_full"], spool.counts["spooled"]) == (5, 10)
+
+    def test_a_rewrite_a_crash_left_behind_is_deleted_not_replayed(self, tmp_path: Any) -> None:
+        spool = Spool(tmp_path, "prod", 1 << 20)
+        path = spool.write("metric", [line(1), line(2)])
+        leftover = f"{path}.12345.replacing"  # what a crash inside a rewrite leaves
+        with open(leftover, "wb") as f:
+            f.write(line(2))
+        old = time.time() - ABANDONED_AFTER - 1
+        os.utime(leftover, (old, old))
+        claim = spool.claim_oldest()
+        assert claim is not None and claim.lines == [line(1), line(2)]
+        spool.done(claim)
+        assert spool.claim_oldest() is None and os.listdir(spool.path) == []
 
     def test_a_claim_is_exclusive_and_passes_on_when_its_process_dies(
         self, tmp_path: Any
