@@ -673,6 +673,11 @@ def outage(run: Run, quick: bool) -> Outcome:
     """Connections refused for twice retry_deadline while the job records; then recovery."""
     job = Job("outage", count=300 if quick else 800, seconds=5.0 if quick else 7.0,
               mode="default", linger=20.0)
+    return _refused_then_recovered(run, job)
+
+
+def _refused_then_recovered(run: Run, job: Job) -> Outcome:
+    """``job`` runs while connections are refused for twice retry_deadline, then recovery."""
     run.outage(refuse())
     run.start(job)
     run.recover(after=2 * RETRY_DEADLINE)
@@ -839,12 +844,7 @@ def overflow(run: Run, quick: bool) -> Outcome:
     """on_full='spool' with room for 100 records: the rest of an outage goes to the spool."""
     job = Job("overflow", count=600 if quick else 2000, seconds=2.0, linger=20.0,
               options={"on_full": "spool", "max_buffer_records": 100})
-    run.outage(refuse())
-    run.start(job)
-    run.recover(after=2 * RETRY_DEADLINE)
-    run.finish(job, timeout=60)
-    run.sweep()
-    return run.count()
+    return _refused_then_recovered(run, job)
 
 
 @scenario("throttle")

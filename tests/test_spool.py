@@ -318,18 +318,24 @@ class TestTheBatchInFlightAtClose:
     def spool_of(self, tmp_path: Any) -> Spool:
         return Spool(tmp_path / "spool", "test", 1 << 20)
 
-    def test_it_is_deleted_when_the_attempt_lands_after_all(
-        self, make_client: Callable[..., DXTrack], tmp_path: Any
-    ) -> None:
-        from sinks_for_tests import GateSink
-
-        sink = GateSink()
+    def closed_with_a_batch_in_flight(self, sink: Any, make_client: Callable[..., DXTrack],
+                                      tmp_path: Any) -> DXTrack:
+        """Ten metrics in one batch the sink holds at its gate, and close() out of time."""
         client = make_client(sink=sink, spool_dir=tmp_path / "spool", buffer_metrics=True)
         for n in range(10):
             client.metric("inflight.rows", n)
         assert not client.flush(timeout=0)  # the ten go out in one batch, which waits
         assert sink.entered.wait(5)
         assert not client.close(timeout=0.2)
+        return client
+
+    def test_it_is_deleted_when_the_attempt_lands_after_all(
+        self, make_client: Callable[..., DXTrack], tmp_path: Any
+    ) -> None:
+        from sinks_for_tests import GateSink
+
+        sink = GateSink()
+        client = self.closed_with_a_batch_in_flight(sink, make_client, tmp_path)
         spool = self.spool_of(tmp_path)
         assert spool.contents()[:2] == (1, 10)
         assert spool.claim_oldest() is None  # held: the attempt may still deliver
@@ -353,12 +359,7 @@ class TestTheBatchInFlightAtClose:
                 return SendResult(retry=lines, error="down (injected)")
 
         sink = GateThenDown()
-        client = make_client(sink=sink, spool_dir=tmp_path / "spool", buffer_metrics=True)
-        for n in range(10):
-            client.metric("inflight.rows", n)
-        assert not client.flush(timeout=0)  # the ten go out in one batch, which waits
-        assert sink.entered.wait(5)
-        assert not client.close(timeout=0.2)
+        client = self.closed_with_a_batch_in_flight(sink, make_client, tmp_path)
         sink.release()
         spool = self.spool_of(tmp_path)
         deadline = time.monotonic() + 10
