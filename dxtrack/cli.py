@@ -382,20 +382,23 @@ def _replay(args: argparse.Namespace) -> int:
     spool = Spool(config.spool_dir, config.stage, config.spool_max_bytes)
     sink = sink_for(config)
 
-    def send(stream: str, lines: List[bytes]) -> List[bytes]:
-        """One segment: retried, as the library does, until ``retry_deadline`` passes."""
+    def send(stream: str, lines: List[bytes]) -> Tuple[List[bytes], int]:
+        """One segment: retried, as the library does, until ``retry_deadline`` passes;
+        returns the lines to keep, and how many can never be delivered."""
         pending: List[bytes] = lines
+        lost = 0
         deadline = time.monotonic() + config.retry_deadline
         for attempt in itertools.count():
             result = sink.send(stream, pending)
             if result.error:
                 print(f"  {result.error}", flush=True)
+            lost += result.failed - len(result.refused)
             pending = [*result.retry, *result.refused]
             pause = min(8.0, 0.5 * 2 ** attempt)
             if not result.retry or time.monotonic() + pause > deadline:
                 break
             time.sleep(pause)
-        return pending
+        return pending, lost
 
     try:
         for claim, delivered in replay_all(spool, send):

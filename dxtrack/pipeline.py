@@ -29,6 +29,7 @@ __all__ = ["Pipeline"]
 
 _MAX_COPIES = 10_000  # Papertrail copies waiting at most; more are dropped
 _SEGMENT_LINES = 5_000  # records per spool segment written at close
+_SPILL_MIN_WAIT = 2.0  # seconds close() gives the spill writer, even out of time
 
 
 class Pipeline:
@@ -186,7 +187,9 @@ class Pipeline:
         if thread is not None and thread is not threading.current_thread():
             thread.join(_left(timeout, started))
         self.buffer.stop()
-        rescued = self._spool_the_rest(started, timeout) if not ok else {}
+        if self.spiller is not None:  # what it was handed is written, whatever the verdict
+            self.spiller.close(max(_left(timeout, started) or 0.0, _SPILL_MIN_WAIT))
+        rescued = self._spool_the_rest() if not ok else {}
         if self.worker is not None:
             self.worker.close()  # its sender thread, if any, ends once its call returns
         if thread is None or not thread.is_alive():
@@ -219,22 +222,20 @@ class Pipeline:
         elif spooled:
             logger.warning("dxtrack closed before every record was delivered%s", safe)
 
-    def _spool_the_rest(self, started: float, timeout: float) -> Dict[str, int]:
+    def _spool_the_rest(self) -> Dict[str, int]:
         """Out of time at close: what is still queued, and the batch in flight, go to the
         spool; returns how many records of the batch in flight, by stream, went there."""
         spool = self.spool
         if spool is None:
             return {}
-        if self.spiller is not None:
-            self.spiller.close(_left(timeout, started))
         rescued = self.worker.rescue() if self.worker is not None else {}
         for stream, bodies, first in self.buffer.drain():
             written = 0
             try:
                 for start in range(0, len(bodies), _SEGMENT_LINES):
                     part = bodies[start:start + _SEGMENT_LINES]
-                    if spool.write(stream, [finalize(body) for body in part]):
-                        written += len(part)
+                    spool.write(stream, [finalize(body) for body in part])
+                    written += len(part)  # spooled, or dropped there as spool_full
             except OSError as exc:
                 self.log.error("spool", "dxtrack could not write to its spool %s: %s",
                                spool.path, exc)
@@ -251,7 +252,8 @@ class Pipeline:
         """Last resort when no thread can be started (interpreter shutdown): no retries, no new
         batch after ``timeout`` (one already sent is bounded by the sink's own timeouts)."""
         self.buffer.close()
-        worker = Worker(self.buffer, self.sink, retry_deadline=0.0, log=self.log, retry=self.retry)
+        worker = Worker(self.buffer, self.sink, retry_deadline=0.0, log=self.log, retry=self.retry,
+                        spool=self.spool)
         worker.run(None if timeout is None else time.monotonic() + timeout)
 
     def finished(self) -> bool:
@@ -263,8 +265,10 @@ class Pipeline:
         counts = self.spool.counts if self.spool is not None else {}
         snapshot["spooled"] = counts.get("spooled", 0)
         snapshot["replayed"] = counts.get("replayed", 0)
+        if self.spool is not None:  # a batch close() spooled while its attempt is under way
+            snapshot["pending"] = cast(int, snapshot["pending"]) - self.spool.held_lines
         dropped = cast(Dict[str, int], snapshot["dropped"])
-        for reason in ("spool_full", "spool_torn"):
+        for reason in ("spool_full", "spool_torn", "spool_failed"):
             if counts.get(reason):
                 dropped[reason] = counts[reason]
         snapshot.update(self.sink.stats())

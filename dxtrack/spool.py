@@ -15,21 +15,23 @@ process that dies, so its claim passes to the next one; two processes never hold
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import itertools
 import os
 import queue
+import stat
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import orjson
 
 from .records import ERROR, METRIC, finalize
 from .signals import block_signals_in_this_thread
 
-__all__ = ["Claim", "Spiller", "Spool", "replay_all"]
+__all__ = ["Claim", "Spiller", "Spool", "Written", "replay_all"]
 
 #: A ``.tmp`` segment this old, that nobody holds, was left by a writer that died.
 ABANDONED_AFTER = 30.0
@@ -46,6 +48,21 @@ class Claim:
     fd: int
     stream: str
     lines: List[bytes]
+
+
+class Written(NamedTuple):
+    """A segment :meth:`Spool.write` made ("" if none), and how many lines it holds."""
+
+    path: str
+    lines: int
+
+
+def _read_all(fd: int) -> bytes:
+    chunks, offset = [], 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
 
 
 def _newest_within(lines: Sequence[bytes], max_bytes: int) -> List[bytes]:
@@ -75,21 +92,26 @@ class Spool:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._held: Dict[str, int] = {}  # segments this process holds: path -> fd
-        self.counts = {"spooled": 0, "replayed": 0, "spool_full": 0, "spool_torn": 0}
+        self._claims: Dict[int, str] = {}  # descriptors of the claims open now: fd -> path
+        self._mine: Dict[str, int] = {}  # segments this object wrote: path -> lines
+        #: Records in held segments: counted as spooled, still pending for the buffer.
+        self.held_lines = 0
+        self.counts = {"spooled": 0, "replayed": 0, "spool_full": 0, "spool_torn": 0,
+                       "spool_failed": 0}
 
     # -- writing ---------------------------------------------------------------------
-    def write(self, stream: str, lines: Sequence[bytes], *, hold: bool = False) -> str:
+    def write(self, stream: str, lines: Sequence[bytes], *, hold: bool = False) -> Written:
         """Put ``lines`` (finished, newline-terminated) in a new segment, on disk (fsynced)
-        before this returns its path; with ``hold``, this process keeps it claimed (see
+        before this returns; with ``hold``, this process keeps it claimed (see
         :meth:`settle_held`). Lines more than ``max_bytes`` in all lose their oldest, counted
-        as ``spool_full`` ("" when none is left); raises ``OSError`` when the disk refuses."""
+        as ``spool_full``; raises ``OSError`` when the disk refuses."""
         data = b"".join(lines)
         if len(data) > self.max_bytes:
             kept = _newest_within(lines, self.max_bytes)
             with self._lock:
                 self.counts["spool_full"] += len(lines) - len(kept)
             if not kept:
-                return ""
+                return Written("", 0)
             lines, data = kept, b"".join(kept)
         self._make_room(len(data))
         self.make_directory()
@@ -113,21 +135,24 @@ class Spool:
             raise
         with self._lock:
             self.counts["spooled"] += len(lines)
+            self._mine[final] = len(lines)
             if hold:
                 self._held[final] = fd
-                return final
+                self.held_lines += len(lines)
+                return Written(final, len(lines))
         os.close(fd)
-        return final
+        return Written(final, len(lines))
 
     def settle_held(self, path: str, undelivered: Sequence[bytes]) -> None:
         """A segment written with ``hold`` whose lines were sent after all: keep only the
         ``undelivered`` ones (none: delete it), then let it go."""
         with self._lock:
             fd = self._held.pop(path, None)
-            delivered = 0
             if fd is not None:
-                delivered = self._count_lines(path) - len(undelivered)
-                self.counts["spooled"] -= delivered
+                written = self._mine.get(path, 0)
+                self.held_lines -= written
+                self.counts["spooled"] -= written - len(undelivered)
+                self._mine[path] = len(undelivered)
         if fd is None:
             return
         try:
@@ -140,9 +165,14 @@ class Spool:
             os.close(fd)
 
     def make_directory(self) -> None:
-        """``<spool_dir>/<stage>``, readable by this user only."""
+        """``<spool_dir>/<stage>``, a directory of this user's, readable by this user only
+        (a symbolic link, or another user's directory, is refused)."""
         os.makedirs(self.path, mode=0o700, exist_ok=True)
-        if os.stat(self.path).st_mode & 0o077:
+        found = os.lstat(self.path)
+        if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid():
+            raise OSError(errno.EPERM, "the spool must be a directory of this user's, not a "
+                          "link", self.path)
+        if found.st_mode & 0o077:
             os.chmod(self.path, 0o700)
 
     def _make_room(self, size: int) -> None:
@@ -158,6 +188,8 @@ class Spool:
                 continue
             with self._lock:
                 self.counts["spool_full"] += len(claim.lines)
+                # Ours: they were counted as spooled, and are dropped now.
+                self.counts["spooled"] -= min(self._mine.pop(path, 0), len(claim.lines))
             self.done(claim)
             total -= segment_size
 
@@ -179,7 +211,9 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(claim.path)
         finally:
-            os.close(claim.fd)
+            with self._lock:
+                self._mine.pop(claim.path, None)
+            self._let_go(claim.fd)
 
     def give_back(self, claim: Claim, undelivered: Optional[Sequence[bytes]] = None) -> None:
         """Release a claim; with ``undelivered``, the segment keeps only those lines."""
@@ -191,11 +225,19 @@ class Spool:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(claim.path)
         finally:
-            os.close(claim.fd)
+            self._let_go(claim.fd)
 
-    def count_replayed(self, lines: int) -> None:
+    def _let_go(self, fd: int) -> None:
+        with self._lock:
+            self._claims.pop(fd, None)
+        os.close(fd)
+
+    def count_replayed(self, lines: int, failed: int = 0) -> None:
+        """``lines`` of a claimed segment were delivered; ``failed`` were refused for good
+        (a line no attempt will ever deliver), dropped as ``spool_failed``."""
         with self._lock:
             self.counts["replayed"] += lines
+            self.counts["spool_failed"] += failed
 
     def contents(self) -> Tuple[int, int, int, Optional[float]]:
         """Segments, records and bytes in the spool, and the oldest one's time (unix)."""
@@ -220,9 +262,11 @@ class Spool:
         (closing our copy of the descriptor does not release a flock held by the parent's)."""
         self._lock = threading.Lock()
         held, self._held = self._held, {}
-        for fd in held.values():
+        claims, self._claims = self._claims, {}
+        for fd in [*held.values(), *claims]:
             with contextlib.suppress(OSError):
                 os.close(fd)
+        self._mine, self.held_lines = {}, 0
         self.counts = dict.fromkeys(self.counts, 0)
 
     # -- the files -------------------------------------------------------------------
@@ -259,16 +303,16 @@ class Spool:
             # replaced, between our open and our lock)
             if os.fstat(fd).st_nlink == 0 or os.stat(path).st_ino != os.fstat(fd).st_ino:
                 raise BlockingIOError
-            with os.fdopen(os.dup(fd), "rb") as f:
-                data = f.read()
-        except OSError:  # held by another process (BlockingIOError), or gone
+            data = _read_all(fd)  # through this descriptor: no other one to close
+            lines = self._valid_lines(data)
+            if sum(map(len, lines)) < len(data):  # torn: counted once, so the file loses them
+                self._rewrite_in_place(path, lines)
+        except OSError:  # held by another process (BlockingIOError), gone, or unwritable
             os.close(fd)
             return None
-        stream = _stream_of(os.path.basename(path)) or METRIC
-        lines = self._valid_lines(data)
-        if sum(map(len, lines)) < len(data):  # torn: counted once, so the file loses them
-            self._rewrite_in_place(path, lines)
-        return Claim(path, fd, stream, lines)
+        with self._lock:
+            self._claims[fd] = path
+        return Claim(path, fd, _stream_of(os.path.basename(path)) or METRIC, lines)
 
     @staticmethod
     def _rewrite_in_place(path: str, lines: Sequence[bytes]) -> None:
@@ -329,7 +373,8 @@ class Spool:
     def _replace(self, path: str, lines: Sequence[bytes]) -> None:
         """Atomically make the segment at ``path`` hold only ``lines``."""
         partial = f"{path}.{os.getpid()}{_REWRITE}"
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+                     | os.O_NOFOLLOW, 0o600)
         try:
             os.write(fd, b"".join(lines))
             os.fsync(fd)
@@ -351,22 +396,23 @@ class Spool:
             return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
-def replay_all(spool: Spool, send: Callable[[str, List[bytes]], List[bytes]],
-               deadline: Optional[float] = None) -> Iterator[Tuple[Claim, int]]:
-    """Claim segments oldest first and ``send`` their lines (``send`` returns the lines not
-    delivered); yields each claim with how many were delivered, until the spool has none
-    that is free, a segment is not delivered whole, or the monotonic ``deadline`` passes."""
-    while deadline is None or time.monotonic() < deadline:
+def replay_all(spool: Spool, send: Callable[[str, List[bytes]], Tuple[List[bytes], int]],
+               stop: Callable[[], bool] = lambda: False) -> Iterator[Tuple[Claim, int]]:
+    """Claim segments oldest first and ``send`` their lines (``send`` returns the lines to
+    keep for later, and how many failed for good); yields each claim with how many were
+    delivered, until the spool has none that is free, a segment is not delivered whole, or
+    ``stop()`` says so (it is asked before each segment)."""
+    while not stop():
         claim = spool.claim_oldest()
         if claim is None:
             return
         try:
-            undelivered = send(claim.stream, claim.lines)
+            undelivered, failed = send(claim.stream, claim.lines)
         except BaseException:
             spool.give_back(claim)
             raise
-        delivered = len(claim.lines) - len(undelivered)
-        spool.count_replayed(delivered)
+        delivered = len(claim.lines) - len(undelivered) - failed
+        spool.count_replayed(delivered, failed)
         if undelivered:
             spool.give_back(claim, undelivered)
             yield claim, delivered
@@ -428,7 +474,7 @@ class Spiller:
 
     def _write(self, stream: str, bodies: List[bytes]) -> None:
         try:
-            ok = bool(self.spool.write(stream, [finalize(body) for body in bodies]))
+            ok = self.spool.write(stream, [finalize(body) for body in bodies]).lines > 0
         except OSError:
             ok = False
         with self._lock:

@@ -184,7 +184,7 @@ class Worker:
                 return {}
             stream, lines = self._inflight
             try:
-                self._rescued = self.spool.write(stream, lines, hold=True) or None
+                self._rescued = self.spool.write(stream, lines, hold=True).path or None
             except OSError as exc:
                 self.log.error("spool", "dxtrack could not write to its spool %s: %s",
                                self.spool.path, exc)
@@ -203,37 +203,53 @@ class Worker:
             spool.settle_held(rescued, lines)
             return len(lines)
         try:
-            if not spool.write(stream, lines):
-                return 0  # more than spool_max_bytes on its own: counted as spool_full
+            written = spool.write(stream, lines)
         except OSError as exc:
             self.log.error("spool", "dxtrack could not write to its spool %s: %s",
                            spool.path, exc)
             return 0
-        self.log.warning(f"spooled:{stream}", "dxtrack could not deliver %s in time (%s); they "
-                         "are safe on disk in %s and will be sent later", quantity(
-                             len(lines), stream), why, spool.path)
-        return len(lines)
+        full = len(lines) - written.lines  # the oldest, counted as dropped["spool_full"]
+        self.log.warning(f"spooled:{stream}", "dxtrack could not deliver %s in time (%s); %s "
+                         "safe on disk in %s and will be sent later%s", quantity(
+                             len(lines), stream), why, f"{written.lines:,} are", spool.path,
+                         f" ({full:,} dropped: the spool is full)" if full else "")
+        return len(lines)  # handed to the spool: spooled, or dropped there
 
     def replay(self) -> None:
-        """Send the oldest spooled segment, when it is time to look (see ``REPLAY_EVERY``)."""
-        spool, now = self.spool, self.buffer.clock.monotonic()
-        if spool is None or now < self._next_replay or self.buffer.stopped:
+        """Send spooled segments, oldest first, when it is time to look (``REPLAY_EVERY``):
+        for at most ``REPLAY_EVERY`` seconds, and only one segment while new records wait,
+        so that live records are never held up for long."""
+        spool, buffer = self.spool, self.buffer
+        clock = buffer.clock
+        if spool is None or clock.monotonic() < self._next_replay or buffer.stopped:
             return
-        self._next_replay = now + REPLAY_EVERY
-        if not spool.has_segments():
-            return
-
-        def send(stream: str, lines: List[bytes]) -> List[bytes]:
-            result = self._attempt(stream, lines, max(self.attempt_cap, self.policy.min_attempt))
-            return [*result.retry, *result.refused]
-
+        pause = REPLAY_EVERY
         try:
-            for claim, delivered in replay_all(spool, send, time.monotonic() + REPLAY_EVERY):
+            if not spool.has_segments():
+                return
+            hurry, until, sent = buffer.hurry, time.monotonic() + REPLAY_EVERY, []
+            bound = max(min(self.attempt_cap, REPLAY_EVERY), self.policy.min_attempt)
+
+            def send(stream: str, lines: List[bytes]) -> Tuple[List[bytes], int]:
+                result = self._attempt(stream, lines, bound)
+                sent.append(stream)
+                lost = result.failed - len(result.refused)
+                if lost:
+                    self.log.error("spool-lost", "dxtrack dropped %s from its spool that can "
+                                   "never be delivered: %s", quantity(lost, stream), result.error)
+                return [*result.retry, *result.refused], lost
+
+            def stop() -> bool:
+                return (buffer.stopped or buffer.hurry != hurry or time.monotonic() > until
+                        or bool(sent) and buffer.queued() > 0)
+
+            for claim, delivered in replay_all(spool, send, stop):
                 if delivered < len(claim.lines):
-                    self._next_replay = now + REPLAY_BACKOFF
-                    return
+                    pause = REPLAY_BACKOFF
         except OSError as exc:
             self.log.error("spool", "dxtrack could not read its spool %s: %s", spool.path, exc)
+        finally:
+            self._next_replay = clock.monotonic() + pause
 
     def _lost(self, stream: str, count: int, in_batch: int, why: str) -> None:
         """Log ``count`` records lost, with the total: those the buffer has settled as failed

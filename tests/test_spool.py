@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import orjson
 import pytest
@@ -48,8 +48,8 @@ def proxy(landing: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]
 class TestSegments:
     def test_written_whole_private_and_read_back_oldest_first(self, tmp_path: Any) -> None:
         spool = Spool(tmp_path / "spool", "prod", 1 << 20)
-        first = spool.write("metric", [line(1), line(2)])
-        second = spool.write("error", [line(3)])
+        first = spool.write("metric", [line(1), line(2)]).path
+        second = spool.write("error", [line(3)]).path
         assert stat.S_IMODE(os.stat(spool.path).st_mode) == 0o700
         for path in (first, second):
             assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
@@ -67,7 +67,7 @@ class TestSegments:
         self, tmp_path: Any
     ) -> None:
         spool = Spool(tmp_path, "prod", 1 << 20)
-        path = spool.write("metric", [line(1), line(2)])
+        path = spool.write("metric", [line(1), line(2)]).path
         with open(path, "ab") as f:  # what a crash in the middle of a write leaves
             f.write(b"\x00\x00garbage\n" + line(3)[:-9])
         claim = spool.claim_oldest()
@@ -100,18 +100,19 @@ class TestSegments:
         while (claim := spool.claim_oldest()) is not None:
             claims.append(claim)
         assert [c.lines[0] for c in claims] == [line(20), line(30), line(40)]
-        assert spool.counts["spool_full"] == 20
+        # Dropped from the spool are no longer counted as in it: 50 written, 20 dropped.
+        assert (spool.counts["spool_full"], spool.counts["spooled"]) == (20, 30)
 
     def test_a_batch_larger_than_the_spool_keeps_its_newest_records(self, tmp_path: Any) -> None:
         spool = Spool(tmp_path, "prod", len(line(100)) * 10)
-        assert spool.write("metric", [line(100 + n) for n in range(15)])
+        assert spool.write("metric", [line(100 + n) for n in range(15)]).lines == 10
         claim = spool.claim_oldest()
         assert claim is not None and claim.lines == [line(105 + n) for n in range(10)]
         assert (spool.counts["spool_full"], spool.counts["spooled"]) == (5, 10)
 
     def test_a_rewrite_a_crash_left_behind_is_deleted_not_replayed(self, tmp_path: Any) -> None:
         spool = Spool(tmp_path, "prod", 1 << 20)
-        path = spool.write("metric", [line(1), line(2)])
+        path = spool.write("metric", [line(1), line(2)]).path
         leftover = f"{path}.12345.replacing"  # what a crash inside a rewrite leaves
         with open(leftover, "wb") as f:
             f.write(line(2))
@@ -149,9 +150,9 @@ class TestSegments:
         spool.write("metric", [line(1), line(2), line(3)])
         sent: List[bytes] = []
 
-        def send(stream: str, lines: List[bytes]) -> List[bytes]:
+        def send(stream: str, lines: List[bytes]) -> Tuple[List[bytes], int]:
             sent.extend(lines[:2])
-            return lines[2:]
+            return lines[2:], 0
 
         assert [d for _, d in replay_all(spool, send)] == [2]
         claim = spool.claim_oldest()
@@ -371,3 +372,102 @@ class TestTheBatchInFlightAtClose:
         assert [orjson.loads(x)["value"] for x in claim.lines] == [float(n) for n in range(10)]
         assert sink.records("metric") == []
         assert client.stats()["spooled"] == 10
+
+
+class TestAfterTheReview:
+    def test_a_forked_child_does_not_keep_a_claim_its_parent_gives_back(
+        self, tmp_path: Any
+    ) -> None:
+        spool = Spool(tmp_path, "prod", 1 << 20)
+        spool.write("metric", [line(1)])
+        claim = spool.claim_oldest()
+        assert claim is not None
+        ready, said = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: what a fork pool's worker does at its start
+            spool.after_fork_in_child()
+            os.write(said, b"x")
+            time.sleep(3)
+            os._exit(0)
+        try:
+            assert os.read(ready, 1) == b"x"
+            spool.give_back(claim)
+            again = spool.claim_oldest()
+            assert again is not None and again.lines == [line(1)]
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+    def test_a_spool_directory_that_is_a_link_is_refused(self, tmp_path: Any) -> None:
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "spool").mkdir()
+        os.symlink(tmp_path / "elsewhere", tmp_path / "spool" / "prod")
+        with pytest.raises(OSError, match="not a link"):
+            Spool(tmp_path / "spool", "prod", 1 << 20).write("metric", [line(1)])
+
+    def test_live_records_are_not_held_up_by_a_large_spool(
+        self, make_client: Callable[..., DXTrack], tmp_path: Any
+    ) -> None:
+        from dxtrack.testing import MemorySink
+
+        spool = Spool(tmp_path / "spool", "test", 1 << 30)
+        for segment in range(200):
+            spool.write("metric", [line(segment * 50 + n) for n in range(50)])
+        sink = MemorySink()
+        client = make_client(sink=sink, spool_dir=tmp_path / "spool", use_async_requests=True)
+        started = time.monotonic()
+        for n in range(100):
+            client.metric("live.rows", n)
+            time.sleep(0.01)
+        assert client.flush(timeout=10)
+        assert time.monotonic() - started < 8
+        live = [r for r in sink.records("metric") if r.get("metric_name") == "live.rows"]
+        assert len(live) == 100
+        deadline = time.monotonic() + 60
+        while client.stats()["replayed"] < 10_000 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.stats()["replayed"] == 10_000
+
+    def test_a_line_that_can_never_be_delivered_is_counted_not_replayed(
+        self, make_client: Callable[..., DXTrack], tmp_path: Any
+    ) -> None:
+        from dxtrack import SendResult
+        from dxtrack.testing import MemorySink
+
+        class RefusesOld(MemorySink):
+            def send(self, stream: str, lines: Any) -> SendResult:
+                old = [x for x in lines if b'"id-' in x]
+                super().send(stream, [x for x in lines if b'"id-' not in x])
+                return SendResult(failed=len(old), error="too large (injected)")
+
+        spool = Spool(tmp_path / "spool", "test", 1 << 20)
+        spool.write("metric", [line(n) for n in range(10)])
+        client = make_client(sink=RefusesOld(), spool_dir=tmp_path / "spool",
+                             use_async_requests=True)
+        client.metric("live.rows", 1)
+        deadline = time.monotonic() + 20
+        while not client.stats()["dropped"].get("spool_failed") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = client.stats()
+        assert (stats["replayed"], stats["dropped"].get("spool_failed")) == (0, 10)
+        assert spool.contents()[:2] == (0, 0)
+
+    def test_what_spills_is_written_at_close_and_every_record_is_accounted_for(
+        self, make_client: Callable[..., DXTrack], tmp_path: Any
+    ) -> None:
+        from sinks_for_tests import GateSink
+
+        sink = GateSink()  # never answers: nothing is delivered
+        client = make_client(sink=sink, spool_dir=tmp_path / "spool", on_full="spool",
+                             max_buffer_records=100, use_async_requests=True)
+        for n in range(3_000):
+            client.metric("burst.rows", n)
+        assert not client.flush(timeout=0.2)
+        client.close(timeout=0.5)
+        stats = client.stats()
+        dropped = sum(stats["dropped"].values())
+        assert stats["enqueued"] == 3_000
+        assert (stats["delivered"], stats["failed"], stats["pending"], dropped) == (0, 0, 0, 0)
+        assert stats["spooled"] == 3_000
+        assert Spool(tmp_path / "spool", "test", 1 << 30).contents()[1] == 3_000
+        sink.release()
