@@ -446,11 +446,10 @@ class StreamBuffer:
             s = self._streams[stream]
             self._counts["spooled"] += spooled
             _lose(s, first, count)
-            if spooled == count:
-                if s.in_flight:  # settled with the batch in flight, when the worker settles it
-                    s.spooled_ahead += count
-                else:
-                    s.settled = s.taken
+            if spooled == count and not s.in_flight:
+                s.settled = s.taken
+            else:  # settled with the batch in flight, when the worker settles it, or never
+                s.spooled_ahead += spooled
             self._progress.notify_all()
 
     def spilled(self, count: int, written: bool) -> None:

@@ -1,5 +1,5 @@
-"""The ``dxtrack`` command: ``metric`` from a shell job, ``check`` and ``setup`` of a stage,
-``demo``.
+"""The ``dxtrack`` command: ``metric`` from a shell job, ``setup`` and ``check`` of a stage,
+``replay`` of its disk spool, ``demo``.
 
 Settings come from flags and the ``DXTRACK_<OPTION>`` variables, as ``configure()`` reads them;
 a problem is one line on standard error with exit status 1 or 2 (see docs/command-line.md).
@@ -404,6 +404,8 @@ def _replay(args: argparse.Namespace) -> int:
         for claim, delivered in replay_all(spool, send):
             print(f"{os.path.basename(claim.path)}: {delivered:,} of {len(claim.lines):,} "
                   "records delivered", flush=True)
+    except OSError as exc:  # the spool cannot be read or changed
+        return _error(f"the spool {spool.path}: {exc}", 1)
     finally:
         sink.close()
     segments, records, _, _ = spool.contents()

@@ -30,6 +30,7 @@ __all__ = ["Pipeline"]
 _MAX_COPIES = 10_000  # Papertrail copies waiting at most; more are dropped
 _SEGMENT_LINES = 5_000  # records per spool segment written at close
 _SPILL_MIN_WAIT = 2.0  # seconds close() gives the spill writer, even out of time
+_SPOOL_JOIN = 0.5  # ... and a stopped worker, to spool the batch it gives up
 
 
 class Pipeline:
@@ -187,6 +188,9 @@ class Pipeline:
         if thread is not None and thread is not threading.current_thread():
             thread.join(_left(timeout, started))
         self.buffer.stop()
+        if self.spool is not None and thread is not None and (
+                thread is not threading.current_thread()):
+            thread.join(_SPOOL_JOIN)  # a worker woken from its backoff spools its batch itself
         if self.spiller is not None:  # what it was handed is written, whatever the verdict
             self.spiller.close(max(_left(timeout, started) or 0.0, _SPILL_MIN_WAIT))
         rescued = self._spool_the_rest() if not ok else {}
