@@ -319,7 +319,11 @@ class TestForkKeepsParentAndChildApart:
         assert len({r["id"] for r in records}) == len(records)
 
     def test_fork_under_load_does_not_deadlock(self, make_client: Any, tmp_path: Any) -> None:
-        client = make_client(use_async_requests=True, output_dir=str(tmp_path))
+        # Room for everything the hammer below records (12,000 to 24,000 queued at the peak
+        # here; once, on a fresh CI machine, more than the default 100,000): a record dropped
+        # as buffer_full would fail the final flush for a reason this test is not about.
+        client = make_client(use_async_requests=True, output_dir=str(tmp_path),
+                             max_buffer_records=2_000_000, max_buffer_bytes=1 << 30)
         stop = threading.Event()
         emitted = [0]
 
