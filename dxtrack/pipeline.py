@@ -23,7 +23,7 @@ from .signals import block_signals_in_this_thread
 from .sinks.base import Sink
 from .sinks.papertrail import PapertrailSink
 from .spool import Spiller, Spool
-from .worker import DEFAULT_RETRY, RetryPolicy, Worker, in_delivery_thread, quantity
+from .worker import DEFAULT_RETRY, RetryPolicy, Worker, in_delivery_thread, quantity, spool_failed
 
 __all__ = ["Pipeline"]
 
@@ -241,8 +241,7 @@ class Pipeline:
                     spool.write(stream, [finalize(body) for body in part])
                     written += len(part)  # spooled, or dropped there as spool_full
             except OSError as exc:
-                self.log.error("spool", "dxtrack could not write to its spool %s: %s",
-                               spool.path, exc)
+                spool_failed(self.log, spool, exc)
             self.buffer.settle_drained(stream, first, len(bodies), written)
         return rescued
 

@@ -87,8 +87,7 @@ class Spool:
     """One stage's spool directory. Thread-safe; the counts are this process's."""
 
     def __init__(self, directory: Union[str, os.PathLike[str]], stage: str, max_bytes: int) -> None:
-        self.root = os.path.abspath(os.fspath(directory))
-        self.path = os.path.join(self.root, stage)
+        self.path = os.path.join(os.path.abspath(os.fspath(directory)), stage)
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._held: Dict[str, int] = {}  # segments this process holds: path -> fd

@@ -25,7 +25,8 @@ from .signals import block_signals_in_this_thread
 from .sinks.base import DELIVERED, SendResult, Sink
 from .spool import Spool, replay_all
 
-__all__ = ["DEFAULT_RETRY", "RetryPolicy", "Worker", "in_delivery_thread", "quantity"]
+__all__ = ["DEFAULT_RETRY", "RetryPolicy", "Worker", "in_delivery_thread", "quantity",
+           "spool_failed"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,12 @@ DEFAULT_RETRY = RetryPolicy()
 REPLAY_EVERY, REPLAY_BACKOFF = 5.0, 30.0
 
 _thread_role = threading.local()
+
+
+def spool_failed(log: RateLimitedLog, spool: Optional[Spool], exc: OSError) -> None:
+    """The spool's disk refused (full, read-only, not ours): the records stay lost or pending."""
+    log.error("spool", "dxtrack could not use its spool %s: %s", spool.path if spool else "",
+              exc)
 
 
 def in_delivery_thread() -> bool:
@@ -186,8 +193,7 @@ class Worker:
             try:
                 self._rescued = self.spool.write(stream, lines, hold=True).path or None
             except OSError as exc:
-                self.log.error("spool", "dxtrack could not write to its spool %s: %s",
-                               self.spool.path, exc)
+                self._spool_failed(exc)
                 return {}
             return {stream: len(lines)} if self._rescued else {}
 
@@ -205,8 +211,7 @@ class Worker:
         try:
             written = spool.write(stream, lines)
         except OSError as exc:
-            self.log.error("spool", "dxtrack could not write to its spool %s: %s",
-                           spool.path, exc)
+            self._spool_failed(exc)
             return 0
         full = len(lines) - written.lines  # the oldest, counted as dropped["spool_full"]
         self.log.warning(f"spooled:{stream}", "dxtrack could not deliver %s in time (%s); %s "
@@ -214,6 +219,9 @@ class Worker:
                              len(lines), stream), why, f"{written.lines:,} are", spool.path,
                          f" ({full:,} dropped: the spool is full)" if full else "")
         return len(lines)  # handed to the spool: spooled, or dropped there
+
+    def _spool_failed(self, exc: OSError) -> None:
+        spool_failed(self.log, self.spool, exc)
 
     def replay(self) -> None:
         """Send spooled segments, oldest first, when it is time to look (``REPLAY_EVERY``):
@@ -247,7 +255,7 @@ class Worker:
                 if delivered < len(claim.lines):
                     pause = REPLAY_BACKOFF
         except OSError as exc:
-            self.log.error("spool", "dxtrack could not read its spool %s: %s", spool.path, exc)
+            self._spool_failed(exc)
         finally:
             self._next_replay = clock.monotonic() + pause
 

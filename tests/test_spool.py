@@ -18,7 +18,8 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import orjson
 import pytest
-from faultproxy import FaultProxy, reset
+from faultproxy import FaultProxy, forward, reset
+from test_pipeline import eventually
 
 from dxtrack import DXTrack
 from dxtrack.cli import main
@@ -176,12 +177,10 @@ class TestThroughAnOutage:
         assert landed_ids(landing) == []
         first.close(timeout=5)
 
-        proxy.always(lambda handler, seen: handler.reply(*handler.proxy.upstream_call(seen)))
+        proxy.always(forward())
         second = make_client(**options)
         second.metric("after.rows", 1)  # a delivery, then the worker looks at the spool
-        deadline = time.monotonic() + 30
-        while second.stats()["replayed"] < 200 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        assert eventually(lambda: second.stats()["replayed"] >= 200, timeout=30)
         assert second.stats()["replayed"] == 200
         ids = landed_ids(landing)
         assert len(ids) == len(set(ids)) == 201
@@ -199,7 +198,7 @@ class TestThroughAnOutage:
         assert not client.close(timeout=1.0)
         stats = client.stats()
         assert stats["failed"] == 0 and stats["spooled"] == 300, stats
-        proxy.always(lambda handler, seen: handler.reply(*handler.proxy.upstream_call(seen)))
+        proxy.always(forward())
         status = main(["replay", "--stage", "dev", "--spool-dir", str(tmp_path / "spool"),
                        "--endpoint-url", landing.url, "--region", "eu-west-1"])
         assert status == 0
@@ -278,13 +277,13 @@ class TestSigtermInAnOutage:
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             assert job.stdout is not None and job.stdout.readline().strip() == "recorded"
-            time.sleep(0.5)  # the worker is retrying a batch
+            assert proxy.wait(1)  # the worker's first attempt met the outage
             job.send_signal(signal.SIGTERM)
             assert job.wait(15) == 143
         finally:
             job.kill()
         assert job.stderr is not None and "safe in the spool" in job.stderr.read()
-        proxy.always(lambda handler, seen: handler.reply(*handler.proxy.upstream_call(seen)))
+        proxy.always(forward())
         assert main(["replay", "--stage", "dev", "--spool-dir", str(spool_dir),
                      "--endpoint-url", proxy.url]) == 0
         assert capsys.readouterr().out.splitlines()[-1].startswith(
@@ -341,9 +340,7 @@ class TestTheBatchInFlightAtClose:
         assert spool.contents()[:2] == (1, 10)
         assert spool.claim_oldest() is None  # held: the attempt may still deliver
         sink.release()
-        deadline = time.monotonic() + 10
-        while spool.contents()[0] and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert eventually(lambda: spool.contents()[0] == 0)
         assert spool.contents()[:2] == (0, 0)
         assert len(sink.records("metric")) == 10
         assert client.stats()["spooled"] == 0
@@ -363,11 +360,9 @@ class TestTheBatchInFlightAtClose:
         client = self.closed_with_a_batch_in_flight(sink, make_client, tmp_path)
         sink.release()
         spool = self.spool_of(tmp_path)
-        deadline = time.monotonic() + 10
-        claim = None
-        while claim is None and time.monotonic() < deadline:
-            claim = spool.claim_oldest()  # free once the worker has its answer
-            time.sleep(0.01)
+        claims: List[Any] = []  # the segment is free once the worker has its answer
+        assert eventually(lambda: claims.append(spool.claim_oldest()) or claims[-1] is not None)
+        claim = claims[-1]
         assert claim is not None and len(claim.lines) == 10
         assert [orjson.loads(x)["value"] for x in claim.lines] == [float(n) for n in range(10)]
         assert sink.records("metric") == []
@@ -423,9 +418,7 @@ class TestAfterTheReview:
         assert time.monotonic() - started < 8
         live = [r for r in sink.records("metric") if r.get("metric_name") == "live.rows"]
         assert len(live) == 100
-        deadline = time.monotonic() + 60
-        while client.stats()["replayed"] < 10_000 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        assert eventually(lambda: client.stats()["replayed"] >= 10_000, timeout=60)
         assert client.stats()["replayed"] == 10_000
 
     def test_a_line_that_can_never_be_delivered_is_counted_not_replayed(
@@ -445,9 +438,8 @@ class TestAfterTheReview:
         client = make_client(sink=RefusesOld(), spool_dir=tmp_path / "spool",
                              use_async_requests=True)
         client.metric("live.rows", 1)
-        deadline = time.monotonic() + 20
-        while not client.stats()["dropped"].get("spool_failed") and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert eventually(lambda: bool(client.stats()["dropped"].get("spool_failed")),
+                          timeout=20)
         stats = client.stats()
         assert (stats["replayed"], stats["dropped"].get("spool_failed")) == (0, 10)
         assert spool.contents()[:2] == (0, 0)
