@@ -27,7 +27,10 @@ setup(
     extras_require={
         # The embedded Firehose and S3 that `make demo` runs against.
         "demo": ["moto[server]>=5.0"],
+        # `dxtrack query`, `show` and `report`: SQL over landed records.
+        "query": ["duckdb>=1.1"],
         "test": [
+            "duckdb>=1.1",
             "pytest>=7",
             "moto[server]>=5.0",
             "hypothesis>=6",

@@ -1,0 +1,81 @@
+"""SQL over landed records: the DuckDB views ``metric`` and ``error``.
+
+DuckDB is an optional extra (``pip install 'dxtrack[query]'``); this module imports it only
+when a connection is made. The views have the records' columns with ``timestamp`` as a
+``TIMESTAMP`` (UTC) whichever format the job wrote (unix seconds or the ``datetime`` text)
+and ``metadata`` as ``JSON``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Dict, Sequence, Tuple
+
+if TYPE_CHECKING:
+    import duckdb
+
+__all__ = ["ERROR_COLUMNS", "METRIC_COLUMNS", "connect", "local_files"]
+
+_COMMON = {"id": "VARCHAR", "context": "VARCHAR", "stage": "VARCHAR", "run_id": "VARCHAR"}
+#: The columns read from metric lines; ``timestamp`` is read as text, then converted.
+METRIC_COLUMNS: Dict[str, str] = {
+    **_COMMON, "metric_name": "VARCHAR", "value": "DOUBLE", "metadata": "JSON",
+    "timestamp": "VARCHAR",
+}
+#: The columns read from error lines.
+ERROR_COLUMNS: Dict[str, str] = {
+    **_COMMON, "exception": "STRUCT(type VARCHAR, value VARCHAR, traceback VARCHAR)",
+    "metadata": "JSON", "timestamp": "VARCHAR",
+}
+# Unix seconds (the default) or 'YYYY-mm-dd HH:MM:SS.ffffff' (timestamp_format='datetime').
+_TIMESTAMP = ("coalesce(try_cast(\"timestamp\" AS TIMESTAMP), "
+              "make_timestamp(CAST(try_cast(\"timestamp\" AS DOUBLE) * 1e6 AS BIGINT)))")
+
+
+def need_duckdb() -> Any:
+    """Import DuckDB, or say how to install it."""
+    try:
+        import duckdb
+    except ImportError:
+        raise SystemExit(
+            "dxtrack: this command needs DuckDB: pip install 'dxtrack[query]'") from None
+    return duckdb
+
+
+def connect(metric_files: Sequence[str], error_files: Sequence[str]) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the views ``metric`` and ``error`` over JSON-lines
+    files (plain or ``.gz``); an empty list gives an empty view with the same columns."""
+    duckdb = need_duckdb()
+    con = duckdb.connect(":memory:")
+    _view(con, "metric", metric_files, METRIC_COLUMNS)
+    _view(con, "error", error_files, ERROR_COLUMNS)
+    return con
+
+
+def local_files(output_dir: str) -> Tuple[list, list]:
+    """The metric and error files stage ``test`` wrote in ``output_dir``."""
+    found: Dict[str, list] = {"metric": [], "error": []}
+    for kind in found:
+        path = os.path.join(output_dir, f"{kind}.jsonl")
+        if os.path.isfile(path) and os.path.getsize(path):
+            found[kind].append(path)
+    return found["metric"], found["error"]
+
+
+def _view(con: Any, name: str, files: Sequence[str], columns: Dict[str, str]) -> None:
+    selected = ", ".join(
+        f"{_TIMESTAMP} AS \"timestamp\"" if column == "timestamp" else f'"{column}"'
+        for column in columns)
+    if files:
+        spec = "{" + ", ".join(f"'{c}': '{t}'" for c, t in columns.items()) + "}"
+        listed = "[" + ", ".join(_literal(f) for f in files) + "]"
+        source = (f"read_json({listed}, format='newline_delimited', columns={spec}, "
+                  "compression='auto_detect')")
+    else:
+        source = ("(SELECT " + ", ".join(f"NULL::{t} AS \"{c}\"" for c, t in columns.items())
+                  + " WHERE false)")
+    con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT {selected} FROM {source}")
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
