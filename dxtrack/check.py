@@ -170,11 +170,29 @@ def _compare_layout(config: Config, kind: str, description: Dict[str, Any], labe
     want = Landing.of(config, "*", "*").destination(kind)
     problems = differences({key: want[key] for key in LAYOUT}, have)
     bucket = str(have.get("BucketARN", "")).rpartition(":")[2]
-    if problems:
+    compressed = have.get("CompressionFormat")
+    if len(problems) == 1 and compressed != want["CompressionFormat"] and \
+            compressed in ("GZIP", "UNCOMPRESSED"):  # the one difference: say what it does
+        report.fail(label, _compression_mismatch(config, compressed, where))
+    elif problems:
         report.fail(label, f"ACTIVE {where}, but {'; '.join(problems)}: the dxtrack tables "
                     f"look elsewhere; 'dxtrack setup --stage {config.stage} --update' fixes it")
     else:
         report.ok(label, f"ACTIVE {where}, delivering to s3://{bucket}/{have['Prefix']}")
+
+
+def _compression_mismatch(config: Config, compressed: str, where: str) -> str:
+    """The advice for a stream that compresses when the client does, or the other way."""
+    variable = variable_for("compression")
+    if config.compression == "gzip":
+        return (f"ACTIVE {where}, but it gzips what the client has gzipped already "
+                f"({variable}=gzip): its objects are compressed twice and the dxtrack tables "
+                f"cannot read them; 'dxtrack setup --stage {config.stage} --compression gzip "
+                f"--update' makes it store them as they are, or drop {variable}")
+    return (f"ACTIVE {where}, but it stores records as they come ({compressed}) and the client "
+            f"sends them plain, so its .jsonl.gz objects hold plain lines the dxtrack tables "
+            f"cannot read; set {variable}=gzip in the jobs that send to it, or run 'dxtrack "
+            f"setup --stage {config.stage} --update' to make the stream compress")
 
 
 def _stream_problem(exc: Any, kind: str, where: str, stage: str) -> str:

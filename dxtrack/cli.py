@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print the same resources as a CloudFormation template, and exit")
     setup.add_argument("--print-policy", choices=("producer", "setup"),
                        help="print the IAM policy a producer, or setup itself, needs, and exit")
-    _add_settings(setup, REQUIRED["setup"], {}, only=SETUP_FLAGS)
+    _add_settings(setup, REQUIRED["setup"], {}, only=(*SETUP_FLAGS, "compression"))
 
     replay = commands.add_parser(
         "replay", formatter_class=_Raw, help="send what the disk spool holds, now",

@@ -78,6 +78,7 @@ class DXTrack:
         region_name: Optional[str] = None, endpoint_url: Optional[str] = None,
         error_stream: Optional[str] = None, metric_stream: Optional[str] = None,
         pack_records: Optional[bool] = None, max_record_bytes: Optional[int] = None,
+        compression: Optional[str] = None,
         buffer_metrics: Optional[bool] = None, use_async_requests: Optional[bool] = None,
         papertrail_hostport: Optional[str] = None, capture_unhandled: Optional[bool] = None,
         handle_sigterm: Optional[bool] = None, timestamp_format: Optional[str] = None,

@@ -46,6 +46,9 @@ DEFAULT_SYNC_TIMEOUT = 10.0
 #: Largest Firehose record dxtrack builds when packing lines (the service allows 1,024,000).
 DEFAULT_MAX_RECORD_BYTES = 1_000_000
 
+#: What ``compression`` may be: the client sends plain lines, or gzip members.
+COMPRESSIONS = ("none", "gzip")
+
 #: Longest ``context`` or ``run_id``: they travel in every record.
 MAX_LABEL_CHARS = 1024
 
@@ -222,6 +225,11 @@ class Config:
     pack_records: bool = _option(True, _flag)
     max_record_bytes: int = _option(DEFAULT_MAX_RECORD_BYTES,
                                     _whole(1024, FIREHOSE_MAX_RECORD_BYTES))
+    #: 'gzip': each Firehose record is one gzip member (docs/firehose.md#compression); the
+    #: stream must then not compress again (``dxtrack setup --compression gzip``).
+    compression: str = _option("none", _choice(*COMPRESSIONS), flag=Flag(
+        "--compression", None, "'gzip' when the client compresses (setup then makes the "
+        "streams store its gzip as it is)", "none", choices=COMPRESSIONS))
     # Delivery modes.
     buffer_metrics: bool = _option(False, _flag)
     use_async_requests: bool = _option(False, _flag)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import gzip
 import logging
 import multiprocessing
 import os
@@ -84,7 +85,8 @@ def _start_firehose() -> Tuple[Any, str]:
 
 def create_landing(url: str, *, stage: str = "dev", region: str = REGION,
                    credentials: Optional[Dict[str, Any]] = None, bucket: Optional[str] = None,
-                   say: Callable[[str], None] = lambda line: None) -> str:
+                   say: Callable[[str], None] = lambda line: None,
+                   compression: str = "none") -> str:
     """Run ``dxtrack setup`` for ``stage`` against the moto server at ``url`` (the demo, the
     tests and the benchmarks all use it); returns the bucket."""
     from .config import Config
@@ -92,7 +94,7 @@ def create_landing(url: str, *, stage: str = "dev", region: str = REGION,
 
     keys = credentials or CREDENTIALS
     config = Config(stage=stage, context="demo", run_id="setup", endpoint_url=url,
-                    region_name=region, **keys)
+                    region_name=region, compression=compression, **keys)
     session = _session(region, keys["aws_access_key_id"], keys["aws_secret_access_key"])
     setup = Setup(config, bucket=bucket, say=say, session=session)
     setup.run()
@@ -145,6 +147,8 @@ def _landed(url: str, bucket: str) -> Dict[str, List[bytes]]:
         for item in page.get("Contents", []):
             stream = item["Key"].split("/", 1)[0]
             body = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+            if body[:2] == b"\x1f\x8b":  # compression="gzip": one member per record
+                body = gzip.decompress(body)
             found[stream].extend(body.splitlines())
             found["objects"].append(item["Key"].encode())
     return found

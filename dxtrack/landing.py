@@ -84,13 +84,15 @@ class Landing:
     partition: str = "aws"
     bucket_name: Optional[str] = None
     timestamp_format: str = "unix"
+    #: The client's ``compression``: 'gzip' makes the streams store its gzip as it is.
+    compression: str = "none"
 
     @classmethod
     def of(cls, config: Config, account: str, region: str, partition: str = "aws",
            bucket: Optional[str] = None) -> Landing:
         return cls(config.stage, account, region,
                    {kind: config.stream_name(kind) for kind in STREAMS}, partition, bucket,
-                   config.timestamp_format)
+                   config.timestamp_format, config.compression)
 
     # Names and ARNs.
     @property
@@ -159,13 +161,15 @@ class Landing:
             [self.bucket_arn, f"{self.bucket_arn}/*"]))
 
     def destination(self, kind: str) -> Dict[str, Any]:
-        """The stream's ``ExtendedS3DestinationConfiguration``. The client sends plain JSON
-        lines; Firehose gzips each object, which Athena reads by its extension."""
+        """The stream's ``ExtendedS3DestinationConfiguration``. Objects are gzip either way,
+        which Athena reads by the extension: Firehose compresses the client's plain lines, or
+        stores the client's gzip members as they are (``compression="gzip"``)."""
         return {
             "BucketARN": self.bucket_arn, "RoleARN": self.role_arn,
             "Prefix": self.prefix(kind), "ErrorOutputPrefix": self.error_prefix(kind),
             "BufferingHints": {"IntervalInSeconds": BUFFER_SECONDS, "SizeInMBs": BUFFER_MIB},
-            "CompressionFormat": "GZIP", "FileExtension": ".jsonl.gz",
+            "CompressionFormat": "UNCOMPRESSED" if self.compression == "gzip" else "GZIP",
+            "FileExtension": ".jsonl.gz",
         }
 
     def database_input(self) -> Dict[str, Any]:

@@ -310,4 +310,6 @@ class Setup:
         for option in ("profile_name", "endpoint_url", "metric_stream", "error_stream"):
             if getattr(config, option):
                 settings[option] = getattr(config, option)
+        if config.compression != "none":
+            settings["compression"] = config.compression
         return settings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import gzip
 import os
 import urllib.request
 from typing import Any, Callable, Dict, Iterator, List
@@ -53,6 +54,11 @@ def moto_url() -> Iterator[str]:
         server.stop()
 
 
+def plain(body: bytes) -> bytes:
+    """An S3 object's lines: a gzip body (one member per Firehose record) decompressed."""
+    return gzip.decompress(body) if body[:2] == b"\x1f\x8b" else body
+
+
 class Landing:
     """The S3 side of the moto server: what Firehose delivered, per stream."""
 
@@ -82,7 +88,8 @@ class Landing:
             return list(pool.map(read, keys))
 
     def lines(self, stream: str) -> List[bytes]:
-        return [line for body in self.objects(stream) for line in body.splitlines()]
+        """The lines of every object; gzip objects (``compression="gzip"``) decompressed."""
+        return [line for body in self.objects(stream) for line in plain(body).splitlines()]
 
     def records(self, stream: str) -> List[Dict[str, Any]]:
         return [orjson.loads(line) for line in self.lines(stream)]

@@ -35,6 +35,7 @@ import boto3
 import botocore.awsrequest
 import orjson
 import pytest
+from conftest import plain
 
 from dxtrack import Config, DXTrack, MemorySink, RetryPolicy
 from dxtrack.sinks.firehose import FirehoseSink
@@ -145,7 +146,8 @@ class FaultInjector:
 
     def _answer(self, request: Any, **_: Any) -> Optional[botocore.awsrequest.AWSResponse]:
         body = json.loads(request.body)
-        datas = [base64.b64decode(record["Data"]) for record in body["Records"]]
+        sent = [base64.b64decode(record["Data"]) for record in body["Records"]]
+        datas = [plain(data) for data in sent]  # the lines, of gzip members too
         index, self.calls = self.calls, self.calls + 1
         if index in self.throttle:
             status = self.throttle[index]
@@ -155,7 +157,7 @@ class FaultInjector:
         codes = [self._fate(data) for data in datas]
         if not any(codes):
             return None  # the real request, to moto
-        ok = [data for data, code in zip(datas, codes) if code is None]
+        ok = [data for data, code in zip(sent, codes) if code is None]
         ids = iter([])
         if ok:
             answer = self.forward.put_record_batch(

@@ -19,7 +19,15 @@ import botocore.parsers
 from .._version import __version__
 from ..config import DEFAULT_REGION, Config
 from .base import DELIVERED, SendResult, Sink
-from .packing import MAX_CALL_BYTES, MAX_CALL_RECORDS, MAX_RECORD_BYTES, Record, plan_calls
+from .packing import (
+    GZIP_MARGIN,
+    MAX_CALL_BYTES,
+    MAX_CALL_RECORDS,
+    MAX_RECORD_BYTES,
+    Gzip,
+    Record,
+    plan_calls,
+)
 
 __all__ = ["Connection", "FirehoseSink", "Put", "connect", "session_for"]
 
@@ -166,13 +174,20 @@ class FirehoseSink(Sink):
         # One batch from the buffer is one call: 4 MiB, and 500 lines when each is a record.
         self.max_batch_bytes = MAX_CALL_BYTES
         self.max_batch_lines = 1_000_000 if self.packed else MAX_CALL_RECORDS
+        self.gzip = Gzip(config.max_record_bytes) if config.compression == "gzip" else None
+        if self.gzip is not None:
+            # Room for gzip's few bytes on a line that does not compress; and a batch of
+            # 8 MiB of lines is still about one call once compressed.
+            self.max_line_bytes = MAX_RECORD_BYTES - GZIP_MARGIN
+            self.max_batch_bytes = 2 * MAX_CALL_BYTES
         self.streams = {name: config.stream_name(name) for name in ("metric", "error")}
         self.region: Optional[str] = config.region_name
         self._client = client
         self._reset_counts()
 
     def _reset_counts(self) -> None:
-        self._counts = {"put_record_batch_calls": 0, "firehose_records": 0, "bytes_sent": 0}
+        self._counts = {"put_record_batch_calls": 0, "firehose_records": 0, "bytes_sent": 0,
+                        "line_bytes_sent": 0}
 
     def client(self) -> Any:
         """The boto3 Firehose client, created on first use and after a fork or a drop."""
@@ -199,9 +214,13 @@ class FirehoseSink(Sink):
         except botocore.exceptions.BotoCoreError as exc:
             return SendResult(failed=len(lines), refused=lines, error=self._describe(
                 name, exc, "check the AWS profile and credentials given to configure()"))
-        oversize = sum(1 for line in lines if len(line) > MAX_RECORD_BYTES)
-        if oversize:  # the record builders never make one; refuse it rather than retry it
-            lines = [line for line in lines if len(line) <= MAX_RECORD_BYTES]
+        most = self.max_line_bytes
+        oversize = 0
+        # The record builders never make a longer line: refuse one rather than retry it. One
+        # pass in C finds out; counted only if there is one.
+        if max(map(len, lines), default=0) > most:
+            oversize = sum(1 for line in lines if len(line) > most)
+            lines = [line for line in lines if len(line) <= most]
         try:
             result = self._send_calls(client, name, lines)
         finally:
@@ -211,14 +230,15 @@ class FirehoseSink(Sink):
         if not oversize:
             return result
         note = (f"{oversize} line(s) for {name!r} exceed the Firehose record limit of "
-                f"{MAX_RECORD_BYTES:,} bytes and were not sent")
+                f"{most:,} bytes and were not sent")
         return SendResult(retry=result.retry, failed=result.failed + oversize,
                           error=f"{result.error}; {note}" if result.error else note,
                           refused=result.refused)
 
     def _send_calls(self, client: Any, name: str, lines: Sequence[bytes]) -> SendResult:
         """The calls ``lines`` need, in order; one that fails whole decides for the rest."""
-        calls = list(plan_calls(lines, packed=self.packed, max_record_bytes=self.max_record_bytes))
+        calls = list(plan_calls(lines, packed=self.packed, max_record_bytes=self.max_record_bytes,
+                                gzip=self.gzip))
         retry: List[bytes] = []
         for index, call in enumerate(calls):
             put = self._put(client, name, call)
@@ -261,6 +281,7 @@ class FirehoseSink(Sink):
             else:
                 counts["firehose_records"] += 1
                 counts["bytes_sent"] += len(data)
+                counts["line_bytes_sent"] += sum(map(len, carried))
         return Put(retry=retry)
 
     def _where(self, name: str) -> str:
