@@ -45,8 +45,8 @@ def need_duckdb() -> Any:
 def connect(metric_files: Sequence[str], error_files: Sequence[str]) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the views ``metric`` and ``error`` over JSON-lines
     files (plain or ``.gz``); an empty list gives an empty view with the same columns."""
-    duckdb = need_duckdb()
-    con: duckdb.DuckDBPyConnection = duckdb.connect(":memory:")
+    engine = need_duckdb()
+    con: duckdb.DuckDBPyConnection = engine.connect(":memory:")
     _view(con, "metric", metric_files, METRIC_COLUMNS)
     _view(con, "error", error_files, ERROR_COLUMNS)
     return con
