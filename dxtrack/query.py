@@ -9,7 +9,7 @@ and ``metadata`` as ``JSON``.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Dict, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple, cast
 
 if TYPE_CHECKING:
     import duckdb
@@ -45,16 +45,15 @@ def need_duckdb() -> Any:
 def connect(metric_files: Sequence[str], error_files: Sequence[str]) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the views ``metric`` and ``error`` over JSON-lines
     files (plain or ``.gz``); an empty list gives an empty view with the same columns."""
-    duckdb = need_duckdb()
-    con = duckdb.connect(":memory:")
+    con = need_duckdb().connect(":memory:")
     _view(con, "metric", metric_files, METRIC_COLUMNS)
     _view(con, "error", error_files, ERROR_COLUMNS)
-    return con
+    return cast("duckdb.DuckDBPyConnection", con)
 
 
-def local_files(output_dir: str) -> Tuple[list, list]:
+def local_files(output_dir: str) -> Tuple[List[str], List[str]]:
     """The metric and error files stage ``test`` wrote in ``output_dir``."""
-    found: Dict[str, list] = {"metric": [], "error": []}
+    found: Dict[str, List[str]] = {"metric": [], "error": []}
     for kind in found:
         path = os.path.join(output_dir, f"{kind}.jsonl")
         if os.path.isfile(path) and os.path.getsize(path):
