@@ -44,7 +44,7 @@ def need_matplotlib() -> Any:
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise SystemExit("dxtrack: report --html needs matplotlib: "
+        raise SystemExit("dxtrack: error: report --html needs matplotlib: "
                          "pip install 'dxtrack[report]'") from None
     return Figure
 
