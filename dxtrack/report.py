@@ -208,8 +208,9 @@ def build(con: duckdb.DuckDBPyConnection, context: Optional[str] = None,
         raise ValueError(f"drop must be a fraction between 0 and 1, not {drop!r}")
     if runs < 1:
         raise ValueError(f"runs must be at least 1, not {runs!r}")
-    context = _context(con, context)
-    all_runs = _runs(con, context)
+    runs_of = _runs(con)
+    context = _context(list(runs_of), context)
+    all_runs = runs_of[context]
     if run_id is None:
         run = all_runs[-1]
     else:
@@ -263,10 +264,7 @@ def parse_drop(text: str) -> float:
     return value
 
 
-def _context(con: Any, context: Optional[str]) -> str:
-    rows = con.execute("SELECT context FROM metric UNION SELECT context FROM error "
-                       "ORDER BY context").fetchall()
-    contexts = [row[0] for row in rows if row[0] is not None]
+def _context(contexts: List[str], context: Optional[str]) -> str:
     if not contexts:
         raise NothingToReport("there are no records to report on")
     if context is None and len(contexts) == 1:
@@ -280,15 +278,21 @@ def _context(con: Any, context: Optional[str]) -> str:
     raise ValueError(f"there are no records of context {context!r}; the contexts: {listed}")
 
 
-def _runs(con: Any, context: str) -> List[Run]:
-    """The runs of ``context``, ordered by their last record (the latest last)."""
+def _runs(con: Any) -> Dict[str, List[Run]]:
+    """The runs of each context (sorted by name), ordered by their last record (the latest
+    last): one pass over each view."""
     rows = con.execute(
-        "SELECT run_id, min(ts), max(ts), count(*) FILTER (WHERE kind = 'metric'), "
-        "count(*) FILTER (WHERE kind = 'error') FROM ("
-        " SELECT run_id, \"timestamp\" AS ts, 'metric' AS kind FROM metric WHERE context = $1"
-        " UNION ALL SELECT run_id, \"timestamp\", 'error' FROM error WHERE context = $1) "
-        "GROUP BY run_id ORDER BY max(ts), run_id", [context]).fetchall()
-    return [Run(str(r[0]), r[1], r[2], int(r[3]), int(r[4])) for r in rows]
+        "SELECT context, run_id, min(first), max(last), sum(metrics), sum(errors) FROM ("
+        " SELECT context, run_id, min(\"timestamp\") AS first, max(\"timestamp\") AS last,"
+        "  count(*) AS metrics, 0 AS errors FROM metric GROUP BY ALL"
+        " UNION ALL SELECT context, run_id, min(\"timestamp\"), max(\"timestamp\"), 0, count(*)"
+        "  FROM error GROUP BY ALL) WHERE context IS NOT NULL "
+        "GROUP BY context, run_id ORDER BY context, max(last), run_id").fetchall()
+    found: Dict[str, List[Run]] = {}
+    for context, *run in rows:
+        found.setdefault(str(context), []).append(
+            Run(str(run[0]), run[1], run[2], int(run[3]), int(run[4])))
+    return found
 
 
 def _metrics(con: Any, run_id: str) -> Tuple[MetricSummary, ...]:
