@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -117,6 +118,8 @@ def main() -> int:
     parser.add_argument("--contexts", type=int, default=4)
     parser.add_argument("--runs", type=int, default=20, help="runs per context")
     parser.add_argument("--shops", type=int, default=50)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of each case: the median time and the highest peak shown")
     parser.add_argument("--dir", help="write (or reuse) the corpus here; default a temp dir")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dxtrack-bench-report-") as scratch:
@@ -137,14 +140,18 @@ def main() -> int:
                 "--output-dir", out, "--context", "shop-scraper-0"]
         cases = {"text": base, "--format json": [*base, "--format", "json"],
                  "--html": [*base, "--html", os.path.join(out, "report.html")]}
-        print("| dxtrack report | seconds | peak RSS (MiB) | exit status |")
+        print(f"| dxtrack report | seconds (median of {args.repeat}) | peak RSS (MiB) "
+              "| exit status |")
         print("| --- | ---: | ---: | ---: |")
         for label, command in cases.items():
-            result = measure(command)
-            if result["status"] not in (0, 1):
-                print(result["stderr"], file=sys.stderr)
-            print(f"| {label} | {result['seconds']:.2f} | {result['peak_mib']:.0f} | "
-                  f"{result['status']} |", flush=True)
+            results = [measure(command) for _ in range(args.repeat)]
+            for result in results:
+                if result["status"] not in (0, 1):
+                    print(result["stderr"], file=sys.stderr)
+            seconds = statistics.median(r["seconds"] for r in results)
+            peak = max(r["peak_mib"] for r in results)
+            print(f"| {label} | {seconds:.2f} | {peak:.0f} | {results[-1]['status']} |",
+                  flush=True)
     return 0
 
 

@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of ``dxtrack`` and its subcommands."""
     parser = _Parser(
         prog=PROG, formatter_class=_Raw,
-        description="Record metrics from shell jobs; set up and check a stage in AWS.",
+        description="Record metrics from shell jobs; set up and check a stage in AWS; report\n"
+                    "on a job's runs.",
         epilog="Settings not given as flags come from the DXTRACK_<OPTION> variables that\n"
                "configure() reads; AWS credentials from boto3's usual chain.\n"
                "exit status: 0 ok, 1 a failed check or a metric not delivered, 2 bad usage",

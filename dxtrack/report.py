@@ -223,9 +223,10 @@ def build(con: duckdb.DuckDBPyConnection, context: Optional[str] = None,
     previous = all_runs[position - 1] if position else None
     history = tuple(all_runs[max(0, position + 1 - runs):position + 1])
     ids = [r.run_id for r in history]
+    read = ids + [previous.run_id] if previous and previous not in history else ids
     con.execute(f"CREATE OR REPLACE TEMP TABLE {_WINDOW} AS SELECT metric_name, run_id, value, "
                 f"metadata, \"timestamp\" FROM metric WHERE context = ? AND run_id IN "
-                f"(SELECT unnest(?::VARCHAR[]))", [context, ids])
+                f"(SELECT unnest(?::VARCHAR[]))", [context, read])
     try:
         return Report(
             context=context, run=run, metrics=_metrics(con, run.run_id),
@@ -305,7 +306,8 @@ def _metrics(con: Any, run_id: str) -> Tuple[MetricSummary, ...]:
 
 def _sums(con: Any, run_ids: List[str]) -> Dict[str, Tuple[Optional[float], ...]]:
     rows = con.execute(f"SELECT metric_name, run_id, sum(value) FROM {_WINDOW} "
-                       f"GROUP BY ALL ORDER BY metric_name").fetchall()
+                       f"WHERE run_id IN (SELECT unnest(?::VARCHAR[])) "
+                       f"GROUP BY ALL ORDER BY metric_name", [run_ids]).fetchall()
     found: Dict[str, Dict[str, float]] = {}
     for name, run_id, total in rows:
         found.setdefault(str(name), {})[run_id] = float(total)
