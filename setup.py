@@ -29,8 +29,11 @@ setup(
         "demo": ["moto[server]>=5.0"],
         # `dxtrack query`, `show` and `report`: SQL over landed records.
         "query": ["duckdb>=1.1"],
+        # `dxtrack report --html`: the charts, drawn as inline SVG.
+        "report": ["duckdb>=1.1", "matplotlib>=3.6"],
         "test": [
             "duckdb>=1.1",
+            "matplotlib>=3.6",
             "pytest>=7",
             "moto[server]>=5.0",
             "hypothesis>=6",
