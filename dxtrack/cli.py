@@ -1,5 +1,5 @@
 """The ``dxtrack`` command: ``metric`` from a shell job, ``setup`` and ``check`` of a stage,
-``replay`` of its disk spool, ``demo``.
+``replay`` of its disk spool, ``query`` and ``show`` of its records, ``demo``.
 
 Settings come from flags and the ``DXTRACK_<OPTION>`` variables, as ``configure()`` reads them;
 a problem is one line on standard error with exit status 1 or 2 (see docs/command-line.md).
@@ -34,7 +34,7 @@ CHECK_METRIC, CHECK_CONTEXT = "dxtrack.check", "dxtrack-check"
 FLAGS: Dict[str, Flag] = {name: option.flag for name, option in OPTIONS.items() if option.flag}
 #: The options each subcommand needs, as a flag or a variable.
 REQUIRED = {"metric": ("stage", "context", "run_id"), "check": ("stage",), "setup": ("stage",),
-            "replay": ("stage",)}
+            "replay": ("stage",), "query": ("stage",), "show": ("stage",)}
 #: The settings ``dxtrack setup`` takes as flags: where, and with which credentials.
 SETUP_FLAGS = ("stage", "profile_name", "region_name", "endpoint_url")
 #: The default delivery mode, whatever the environment says: each record is waited for.
@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the spool directory [DXTRACK_SPOOL_DIR]")
     _add_settings(replay, REQUIRED["replay"], {}, only=SETUP_FLAGS)
 
+    from .cli_records import add_commands
+
+    add_commands(commands)
     commands.add_parser("demo", add_help=False,  # every argument, --help included, goes to it
                         help="run the end-to-end demo (stage dev needs moto); "
                              "'dxtrack demo --help' for its options")
@@ -452,12 +455,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "demo":
             return _demo(rest)
         if args.command is None:
-            raise UsageError("a command is required: metric, check, setup, replay or demo "
-                             f"(see '{PROG} --help')")
+            raise UsageError("a command is required: metric, check, setup, replay, query, show "
+                             f"or demo (see '{PROG} --help')")
         if rest:
             raise UsageError(f"unrecognized arguments: {' '.join(rest)} "
                              f"(see '{PROG} {args.command} --help')")
-        run = {"metric": _metric, "check": _check, "setup": _setup, "replay": _replay}
+        from .cli_records import query, show
+
+        run = {"metric": _metric, "check": _check, "setup": _setup, "replay": _replay,
+               "query": query, "show": show}
         return run[args.command](args)
     except UsageError as exc:
         return _error(str(exc), 2)
