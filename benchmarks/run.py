@@ -5,8 +5,8 @@
     .venv/bin/python benchmarks/run.py caller memory   # some of them
     .venv/bin/python benchmarks/run.py --markdown out.md   # also write the tables as Markdown
 
-Benchmarks: caller, cpu, cost, throughput, memory, flush, integrations. Every figure is compared
-with baselines measured in the same run; see benchmarks/RESULTS.md.
+Benchmarks: caller, cpu, cost, throughput, memory, flush, integrations, query. Every figure is
+compared with baselines measured in the same run; see benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common as c  # noqa: E402
 
-BENCHMARKS = ("caller", "cpu", "cost", "throughput", "memory", "flush", "integrations")
+BENCHMARKS = ("caller", "cpu", "cost", "throughput", "memory", "flush", "integrations", "query")
 
 
 def main(argv: List[str]) -> int:

@@ -1,5 +1,5 @@
 """The ``dxtrack`` command: ``metric`` from a shell job, ``setup`` and ``check`` of a stage,
-``replay`` of its disk spool, ``report`` of a run, ``demo``.
+``replay`` of its disk spool, ``query``, ``show`` and ``report`` of its records, ``demo``.
 
 Settings come from flags and the ``DXTRACK_<OPTION>`` variables, as ``configure()`` reads them;
 a problem is one line on standard error with exit status 1 or 2 (see docs/command-line.md).
@@ -34,11 +34,9 @@ CHECK_METRIC, CHECK_CONTEXT = "dxtrack.check", "dxtrack-check"
 FLAGS: Dict[str, Flag] = {name: option.flag for name, option in OPTIONS.items() if option.flag}
 #: The options each subcommand needs, as a flag or a variable.
 REQUIRED = {"metric": ("stage", "context", "run_id"), "check": ("stage",), "setup": ("stage",),
-            "replay": ("stage",), "report": ("stage",)}
+            "replay": ("stage",), "query": ("stage",), "show": ("stage",), "report": ("stage",)}
 #: The settings ``dxtrack setup`` takes as flags: where, and with which credentials.
 SETUP_FLAGS = ("stage", "profile_name", "region_name", "endpoint_url")
-#: The settings ``dxtrack report`` takes as flags: which records, of which run.
-REPORT_FLAGS = ("stage", "context", "run_id")
 #: The default delivery mode, whatever the environment says: each record is waited for.
 SYNCHRONOUS = {"use_async_requests": False, "buffer_metrics": False}
 
@@ -146,45 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the spool directory [DXTRACK_SPOOL_DIR]")
     _add_settings(replay, REQUIRED["replay"], {}, only=SETUP_FLAGS)
 
-    _add_report(commands)
+    from .cli_records import add_commands
+
+    add_commands(commands)
 
     commands.add_parser("demo", add_help=False,  # every argument, --help included, goes to it
                         help="run the end-to-end demo (stage dev needs moto); "
                              "'dxtrack demo --help' for its options")
     return parser
-
-
-def _add_report(commands: Any) -> None:
-    from .report import DEFAULT_DROP, DEFAULT_RUNS
-
-    report = commands.add_parser(
-        "report", formatter_class=_Raw,
-        help="summarise a run: its metrics, its errors in groups, what went missing",
-        description="Summarise one run of a context (default: the latest): each metric's\n"
-                    "count, sum, min, max and last value; errors grouped by fingerprint; and\n"
-                    "the metric and metadata combinations of the previous run that are\n"
-                    "missing now or whose sum dropped. Exit 0, or 1 when something is missing\n"
-                    "or dropped (or there are no records), so a cron job can alert.\n"
-                    "Stage test reads its output directory. See docs/report.md.",
-    )
-    report.add_argument("--drop", metavar="PERCENT", type=_drop, default=DEFAULT_DROP,
-                        help="a sum that fell by more than this since the previous run is "
-                             "reported as dropped: 50%%, 50 or 0.5 (default 50%%)")
-    report.add_argument("--by", metavar="KEY[,KEY...]", type=_keys,
-                        help="compare every metric by these metadata keys (default: each "
-                             "metric's text keys that are not per record; docs/report.md)")
-    report.add_argument("--format", choices=("text", "json"), default="text",
-                        help="the report on standard output as text (default) or JSON")
-    report.add_argument("--html", metavar="FILE",
-                        help="also write the report as one self-contained HTML page, with a "
-                             "chart per metric (needs matplotlib: dxtrack[report])")
-    report.add_argument("--runs", metavar="N", type=_positive, default=DEFAULT_RUNS,
-                        help=f"the charts cover the last N runs (default {DEFAULT_RUNS})")
-    report.add_argument("--output-dir", metavar="DIR",
-                        help="stage test: where its records are "
-                             "[DXTRACK_OUTPUT_DIR, else ./.dxtrack_output]")
-    _add_settings(report, REQUIRED["report"],
-                  {"context": "the only context", "run_id": "the latest run"}, only=REPORT_FLAGS)
 
 
 def _add_settings(parser: argparse.ArgumentParser, required: Sequence[str],
@@ -212,32 +179,6 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def _drop(text: str) -> float:
-    from .report import parse_drop
-
-    try:
-        return parse_drop(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _keys(text: str) -> Tuple[str, ...]:
-    keys = tuple(key.strip() for key in text.split(","))
-    if not all(keys):
-        raise argparse.ArgumentTypeError(f"expected KEY[,KEY...], got {text!r}")
-    return keys
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
     return value
 
 
@@ -481,59 +422,6 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _records_for(args: argparse.Namespace) -> Any:
-    """A DuckDB connection with the views ``metric`` and ``error`` over the records of the
-    stage the arguments name (dxtrack.query): for stage test, its output directory."""
-    from . import query
-
-    options: Dict[str, Any] = {"context": "dxtrack-report", "run_id": "-", **_given(args)}
-    if getattr(args, "output_dir", None):
-        options["output_dir"] = args.output_dir
-    config = _config(options)
-    if config.stage != "test":
-        raise UsageError(f"report cannot read stage {config.stage!r} (records in S3) yet; "
-                         "for now it reads stage test's output directory")
-    metric_files, error_files = query.local_files(os.fspath(config.output_dir))
-    return query.connect(metric_files, error_files)
-
-
-def _report(args: argparse.Namespace) -> int:
-    from . import report as reports
-
-    if args.html:
-        from .report_html import need_matplotlib
-
-        need_matplotlib()  # before any work: without it, one line saying how to install it
-    given = _given(args)
-    from_environment = _from_environment(given)
-    context = given.get("context", from_environment.get("context"))
-    run_id = given.get("run_id", from_environment.get("run_id"))
-    con = _records_for(args)
-    try:
-        report = reports.build(con, context=context, run_id=run_id, drop=args.drop,
-                               by=args.by, runs=args.runs)
-    except reports.NothingToReport as exc:
-        return _error(str(exc), 1)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    finally:
-        con.close()
-    if args.html:
-        from .report_html import write
-
-        try:
-            write(report, args.html)
-        except OSError as exc:
-            return _error(f"--html: cannot write {args.html}: {exc.strerror or exc}", 1)
-    if args.format == "json":
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        print(report.text(), end="")
-    if args.html:
-        print(f"{PROG} report: the HTML page is {os.path.abspath(args.html)}", file=sys.stderr)
-    return 1 if report.failed else 0
-
-
 def _demo(argv: List[str]) -> int:
     if not {"-h", "--help"} & set(argv) and _demo_stage(argv) != "test":
         try:
@@ -569,13 +457,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "demo":
             return _demo(rest)
         if args.command is None:
-            raise UsageError("a command is required: metric, check, setup, replay, report "
+            raise UsageError("a command is required: metric, check, setup, replay, query, show, "
+                             "report "
                              f"or demo (see '{PROG} --help')")
         if rest:
             raise UsageError(f"unrecognized arguments: {' '.join(rest)} "
                              f"(see '{PROG} {args.command} --help')")
+        from .cli_records import query, report, show
+
         run = {"metric": _metric, "check": _check, "setup": _setup, "replay": _replay,
-               "report": _report}
+               "query": query, "show": show, "report": report}
         return run[args.command](args)
     except UsageError as exc:
         return _error(str(exc), 2)

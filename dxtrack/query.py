@@ -8,13 +8,14 @@ and ``metadata`` as ``JSON``.
 
 from __future__ import annotations
 
+import datetime
 import os
-from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 if TYPE_CHECKING:
     import duckdb
 
-__all__ = ["ERROR_COLUMNS", "METRIC_COLUMNS", "connect", "local_files"]
+__all__ = ["ERROR_COLUMNS", "METRIC_COLUMNS", "connect", "local_files", "within"]
 
 _COMMON = {"id": "VARCHAR", "context": "VARCHAR", "stage": "VARCHAR", "run_id": "VARCHAR"}
 #: The columns read from metric lines; ``timestamp`` is read as text, then converted.
@@ -45,8 +46,7 @@ def need_duckdb() -> Any:
 def connect(metric_files: Sequence[str], error_files: Sequence[str]) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the views ``metric`` and ``error`` over JSON-lines
     files (plain or ``.gz``); an empty list gives an empty view with the same columns."""
-    engine = need_duckdb()
-    con: duckdb.DuckDBPyConnection = engine.connect(":memory:")
+    con: duckdb.DuckDBPyConnection = need_duckdb().connect(":memory:")
     _view(con, "metric", metric_files, METRIC_COLUMNS)
     _view(con, "error", error_files, ERROR_COLUMNS)
     return con
@@ -60,6 +60,21 @@ def local_files(output_dir: str) -> Tuple[List[str], List[str]]:
         if os.path.isfile(path) and os.path.getsize(path):
             found[kind].append(path)
     return found["metric"], found["error"]
+
+
+def within(con: duckdb.DuckDBPyConnection, start: Optional[datetime.datetime] = None,
+           end: Optional[datetime.datetime] = None) -> None:
+    """Narrow the views ``metric`` and ``error`` of ``con`` to records from ``start``
+    (inclusive) to ``end`` (exclusive), naive UTC; ``None`` leaves that side open. The whole
+    views stay as ``metric_all`` and ``error_all``."""
+    limits = [f'"timestamp" {op} TIMESTAMP {_literal(when.isoformat(sep=" "))}'
+              for op, when in ((">=", start), ("<", end)) if when is not None]
+    if not limits:
+        return
+    for name in ("metric", "error"):
+        con.execute(f"ALTER VIEW {name} RENAME TO {name}_all")
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM {name}_all WHERE "
+                    + " AND ".join(limits))
 
 
 def _view(con: Any, name: str, files: Sequence[str], columns: Dict[str, str]) -> None:
