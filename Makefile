@@ -50,4 +50,4 @@ typecheck: $(VENV)/.dev-installed
 	$(BIN)/mypy dxtrack
 
 clean:
-	rm -rf $(VENV) .dxtrack_output build *.egg-info
+	rm -rf $(VENV) .dxtrack_output .dxtrack_demo build *.egg-info

@@ -37,13 +37,20 @@ class ParseError(Exception):
     """What the demo scraper raises for a page it cannot read."""
 
 
-def scrape(shops: List[int], pages: int) -> Dict[str, int]:
-    """Pretend to scrape ``pages`` pages of each shop; returns how many records it emitted."""
+def scrape(shops: List[int], pages: int, blocked: Tuple[int, ...] = ()) -> Dict[str, int]:
+    """Pretend to scrape ``pages`` pages of each shop (a ``blocked`` shop refuses the first
+    page); returns how many records it emitted."""
     emitted = {"metric": 0, "error": 0}
     for shop_number in shops:
         rng = random.Random(shop_number)
         shop = f"shop-{shop_number:03d}"
-        started = time.monotonic()
+        if shop_number in blocked:
+            try:
+                raise PermissionError(f"{shop}: 403 Forbidden on page 0")
+            except PermissionError:
+                dxtrack.error(metadata={"shop": shop})
+                emitted["error"] += 1
+            continue
         failures: List[Exception] = []
         for page in range(pages):
             products = rng.randint(0, 48)
@@ -64,7 +71,10 @@ def scrape(shops: List[int], pages: int) -> Dict[str, int]:
             dxtrack.error(metadata={"shop": shop})
             emitted["error"] += 1
         dxtrack.metric("scrape.pages", pages, metadata={"shop": shop})
-        dxtrack.metric("scrape.seconds", time.monotonic() - started, metadata={"shop": shop})
+        # Pretend seconds, as steady as the pages (a real clock's noise would make the
+        # report's completeness section flag drops that are not there).
+        dxtrack.metric("scrape.seconds", round(pages * rng.uniform(0.2, 0.3), 3),
+                       metadata={"shop": shop})
         emitted["metric"] += 2
     return emitted
 
@@ -161,24 +171,42 @@ def _local(output_dir: str) -> Dict[str, List[bytes]]:
             for stream, p in paths.items()}
 
 
+#: Where the demo writes its HTML report, unless told otherwise.
+HTML_REPORT = os.path.join(".dxtrack_demo", "report.html")
+CONTEXT = "demo-scraper"
+
+
 def run(stage: str = "dev", shops: int = 40, pages: int = 500, workers: int = 4,
-        start_method: Optional[str] = None, out: Any = None) -> bool:
-    """Run the demo; prints a report and returns whether every record landed once."""
+        start_method: Optional[str] = None, out: Any = None,
+        html: Optional[str] = HTML_REPORT) -> bool:
+    """Run the demo: a short earlier run of the job, then the run itself, in which one shop
+    refuses the scraper; prints what landed and ``dxtrack report`` of the run (which names
+    that shop as missing), writes the report's HTML page to ``html``, and returns whether
+    every record landed once."""
     out = out or sys.stdout
     server: Optional[Any] = None
     url = bucket = ""
     scratch = tempfile.mkdtemp(prefix="dxtrack-demo-")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    run_id, previous_id = (f"{when:%Y%m%dT%H%M%S}" for when in (now, now - datetime.timedelta(1)))
     try:
         if stage == "dev":
             server, url = _start_firehose()
             bucket = create_landing(url, say=lambda line: print(line, file=out))
-        where = _configure(stage, url, scratch)
+        where = _configure(stage, url, scratch, previous_id)
         context = multiprocessing.get_context(start_method)
         print(f"dxtrack demo: {shops} shops x {pages} pages in {workers} worker processes "
               f"({context.get_start_method()}), reporting to {where}", file=out)
-        emitted, elapsed = _scrape_in_pool(context, shops, pages, workers)
+        # An earlier run, shorter, for the report to compare this one with.
+        earlier, _ = _scrape_in_pool(context, shops, max(pages // 10, 1), workers)
+        _configure(stage, url, scratch, run_id)
+        blocked = (13 % shops,) if shops > 1 else ()  # this run, one shop refuses the scraper
+        emitted, elapsed = _scrape_in_pool(context, shops, pages, workers, blocked)
+        emitted = {stream: earlier[stream] + emitted[stream] for stream in emitted}
         found = _landed(url, bucket) if stage == "dev" else _local(scratch)
-        return _report(emitted, found, elapsed, out)
+        ok = _report(emitted, found, elapsed, out)
+        _report_the_run(scratch, run_id, blocked, html, out)
+        return ok
     finally:
         dxtrack.close(timeout=10)
         if server is not None:
@@ -186,9 +214,9 @@ def run(stage: str = "dev", shops: int = 40, pages: int = 500, workers: int = 4,
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _configure(stage: str, url: str, scratch: str) -> str:
+def _configure(stage: str, url: str, scratch: str, run_id: str) -> str:
     """Configure the ready-made client for the job; returns where its records go."""
-    settings: Dict[str, Any] = dict(context="demo-scraper", run_id=time.strftime("%Y%m%dT%H%M%S"),
+    settings: Dict[str, Any] = dict(context=CONTEXT, run_id=run_id,
                                     default_metadata={"host": "demo"}, use_async_requests=True)
     if stage != "dev":
         dxtrack.configure(stage="test", output_dir=scratch, **settings)
@@ -201,10 +229,10 @@ def _configure(stage: str, url: str, scratch: str) -> str:
     return f"an embedded Firehose (moto) at {url}"
 
 
-def _scrape_in_pool(context: Any, shops: int, pages: int,
-                    workers: int) -> Tuple[Dict[str, int], float]:
+def _scrape_in_pool(context: Any, shops: int, pages: int, workers: int,
+                    blocked: Tuple[int, ...] = ()) -> Tuple[Dict[str, int], float]:
     """Scrape the shops in a pool of ``workers``; returns the records emitted and the seconds."""
-    tasks = [(list(range(shops))[w::workers], pages) for w in range(workers)]
+    tasks = [(list(range(shops))[w::workers], pages, blocked) for w in range(workers)]
     started = time.perf_counter()
     # `with` ends the pool with terminate(): dxtrack flushes each worker on its way out.
     with context.Pool(workers) as pool:
@@ -241,6 +269,45 @@ def _report(emitted: Dict[str, int], found: Dict[str, List[bytes]], elapsed: flo
     return ok
 
 
+def _report_the_run(scratch: str, run_id: str, blocked: Tuple[int, ...], html: Optional[str],
+                    out: Any) -> None:
+    """Print ``dxtrack report`` of the demo's run, read back from where it landed (the
+    bucket, through a cache, or the local files), and write its HTML page."""
+    from . import query, report
+    from .sources import Bucket
+
+    config = dxtrack.config
+    if config is None:
+        return
+    if config.stage == "test":
+        files = query.local_files(scratch)
+    else:
+        landed = Bucket(config, cache_dir=os.path.join(scratch, "cache"))
+        found = landed.files()
+        files = (found.metric, found.error)
+    con = query.connect(*files)
+    try:
+        summary = report.build(con, context=CONTEXT, run_id=run_id)
+    finally:
+        con.close()
+    print(f"\n$ dxtrack report --stage {config.stage} --context {CONTEXT} --run-id {run_id}",
+          file=out)
+    print(summary.text(), end="", file=out)
+    if summary.failed and blocked:
+        print(f"(dxtrack report would exit 1 here, as a cron job's alert: shop-{blocked[0]:03d} "
+              "refused the scraper in this run, on purpose)", file=out)
+    if html:
+        try:
+            from .report_html import write
+
+            os.makedirs(os.path.dirname(os.path.abspath(html)), exist_ok=True)
+            write(summary, html)
+        except ImportError:
+            print("HTML report: needs matplotlib (pip install 'dxtrack[report]')", file=out)
+        else:
+            print(f"HTML report: {os.path.abspath(html)}", file=out)
+
+
 def main(argv: Optional[List[str]] = None, prog: str = "python -m dxtrack.demo") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--stage", choices=("dev", "test"), default="dev")
@@ -249,8 +316,12 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m dxtrack.demo")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--start-method", choices=("fork", "spawn", "forkserver"), default=None,
                         help="how worker processes start (default: the platform's)")
+    parser.add_argument("--html", default=HTML_REPORT, metavar="FILE",
+                        help=f"where to write the run's HTML report (default {HTML_REPORT}); "
+                             "'' for none")
     args = parser.parse_args(argv)
-    ok = run(args.stage, args.shops, args.pages, args.workers, args.start_method)
+    ok = run(args.stage, args.shops, args.pages, args.workers, args.start_method,
+             html=args.html or None)
     return 0 if ok else 1
 
 
