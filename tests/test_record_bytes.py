@@ -344,3 +344,52 @@ class TestPinnedBytes:
         assert builder.metric("n", 2**64, {1: 2**70}, 0) == (
             b'{"context":"ctx","metric_name":"n","value":1.8446744073709552e+19,"stage":"test",'
             b'"metadata":{"1":"1180591620717411303424"},"run_id":"run-7","timestamp":0.0')
+
+
+class TestJoinedParts:
+    """The cases where joining pre-serialized parts could go wrong, and the fallbacks."""
+
+    def test_a_str_subclass_equal_to_every_name_gets_its_own_bytes(self) -> None:
+        class Sly(str):
+            def __eq__(self, other: object) -> bool:
+                return True
+
+            __hash__ = str.__hash__
+
+        frozen, builder = both({})
+        builder.metric("rows", 1)
+        sly = Sly("rows")  # same hash as the cached name, and equal to it
+        same(frozen, builder, sly, 1)
+        same(frozen, builder, Sly("other"), 1)
+
+    def test_metadata_nested_to_the_depth_limit(self) -> None:
+        frozen, builder = both({})
+        for depth in (250, 252, 253, 254, 255):
+            nested: Any = 1
+            for _ in range(depth):
+                nested = [nested]
+            same(frozen, builder, "rows", 1, {"deep": nested})
+            same(frozen, builder, "rows", 1, {"deep": nested, "pad": "x" * 600})
+
+    def test_many_names(self) -> None:
+        frozen, builder = both({})
+        for i in range(records._MAX_PREFIXES + 50):
+            same(frozen, builder, f"name.{i}", i)
+        assert len(builder._prefixes) == records._MAX_PREFIXES
+        same(frozen, builder, "name.3", 3)
+        same(frozen, builder, f"name.{records._MAX_PREFIXES + 10}", 3)
+
+    def test_configured_text_orjson_refuses(self) -> None:
+        for options in ({"context": "ctx \udc80"}, {"run_id": "\ud800"}):
+            try:
+                frozen, builder = both(options)
+            except Exception:  # noqa: BLE001 - the config may refuse it first: nothing to compare
+                continue
+            assert not builder._joined
+            same(frozen, builder, "rows", 1, {"a": 1})
+            same(frozen, builder, "rows", 1)
+
+    def test_default_metadata_orjson_refuses(self) -> None:
+        frozen, builder = both({"default_metadata": {"big": 2**70, "d": decimal.Decimal(1)}})
+        same(frozen, builder, "rows", 1)
+        same(frozen, builder, "rows", 1, {"a": 1})
