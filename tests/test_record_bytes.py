@@ -318,7 +318,6 @@ class TestSameBytesAsBefore:
     )
     def test_generated_calls(self, name: str, value: Any, metadata: Optional[Dict[Any, Any]],
                              timestamp: Any, index: int) -> None:
-        records._time = lambda: NOW  # hypothesis runs outside the function-scoped fixture
         frozen, builder = both(CONFIGS[index])
         same(frozen, builder, name, value, metadata, timestamp)
 
