@@ -44,6 +44,13 @@ _time = time.time
 _isfinite = math.isfinite
 _sha256 = hashlib.sha256
 _hexlify = binascii.hexlify
+_join = b"".join
+
+#: Prefixes of metric records kept per builder, one per metric name (a bound on odd callers
+#: that make a name per call).
+_MAX_PREFIXES = 1024
+#: Metadata JSON this long may nest 254 levels deep: orjson's limit (255) inside a record.
+_DEEP_METADATA_BYTES = 2 * 254
 
 
 def finalize(body: bytes) -> bytes:
@@ -57,7 +64,9 @@ class RecordBuilder:
     """Turns calls into serialized record bodies for one configuration; finalized, each
     fits in ``max_line_bytes``, the limit of the sink they go to."""
 
-    __slots__ = ("_context", "_stage", "_run_id", "_default", "_datetime_format", "_max_body")
+    __slots__ = ("_context", "_stage", "_run_id", "_default", "_datetime_format", "_max_body",
+                 "_joined", "_prefixes", "_context_part", "_stage_part", "_run_id_part",
+                 "_default_json")
 
     def __init__(self, config: Config, *, max_line_bytes: int = Sink.max_line_bytes) -> None:
         # The longest record JSON (with its brace, without the id) that fits once finalized.
@@ -65,44 +74,91 @@ class RecordBuilder:
         self._context, self._stage, self._run_id = config.context, config.stage, config.run_id
         self._default: Dict[str, Any] = dict(config.default_metadata)
         self._datetime_format = config.timestamp_format == "datetime"
+        #: ``default_metadata`` as JSON, or None when orjson needs the lenient path for it.
+        self._default_json: Optional[bytes] = None
         try:
-            _dumps(self._default)
+            self._default_json = _dumps(self._default)
         except TypeError:  # keys that are not str: refuse two written as one, once, here
             try:
                 _serialize_leniently(self._default, check_keys=self._default)
             except ValueError as exc:
                 raise ConfigurationError(f"default_metadata: {exc}",
                                          option="default_metadata") from None
+        # A metric record is written as the same bytes orjson gives for the whole dict, joined
+        # from parts: what never changes is serialized here, once (see metric()).
+        self._prefixes: Dict[str, bytes] = {}  # '{"context":…,"metric_name":…,"value":' by name
+        try:
+            self._context_part = b'{"context":%b,"metric_name":' % _dumps(self._context)
+            self._stage_part = b',"stage":%b,"metadata":' % _dumps(self._stage)
+            self._run_id_part = b',"run_id":%b,"timestamp":' % _dumps(self._run_id)
+            self._joined = True
+        except TypeError:  # text orjson refuses (lone surrogates): the whole dict, leniently
+            self._context_part = self._stage_part = self._run_id_part = b""
+            self._joined = False
 
     def metric(self, name: str, value: Any, metadata: Optional[Mapping[str, Any]] = None,
                timestamp: Any = None) -> bytes:
         """Validate one metric and return its open body (no id, no closing brace)."""
         # The caller's hot path: the common cases are tested first and inline.
-        if type(name) is not str or not name:  # noqa: SIM102 (the exact type test is the fast one)
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"metric name must be a non-empty string, got {_shown(name)}")
+        if type(name) is str and name:  # the exact type test is the fast one
+            prefix = self._prefixes.get(name)
+        elif not isinstance(name, str) or not name:
+            raise ValueError(f"metric name must be a non-empty string, got {_shown(name)}")
+        else:  # a str subclass: its __eq__ must not find another name's prefix
+            prefix = None
         try:
             number = float(value)
         except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float range
             raise ValueError(f"metric value must be a finite number, got {_shown(value)}") from None
         if number - number != 0.0:  # NaN and the infinities
             raise ValueError(f"metric value must be a finite number, got {_shown(value)}")
+        if metadata is None:
+            metadata = self._default
+        elif type(metadata) is not dict or self._default:  # a plain dict alone needs no _merge call
+            metadata = self._merge(metadata)
+        stamp = _time() if timestamp is None and not self._datetime_format else self._timestamp(
+            timestamp)
+        # Only the parts that vary are serialized; joined, they are byte for byte what orjson
+        # writes for the whole record dict (tests/test_record_bytes.py), without the brace.
+        try:
+            if prefix is None:
+                prefix = self._prefix(name)
+            meta = self._default_json if metadata is self._default else _dumps(metadata)
+            if meta is None or len(meta) >= _DEEP_METADATA_BYTES:
+                raise TypeError  # the lenient path, or orjson's depth limit: see _record_bytes
+            body = _join((prefix, _dumps(number), self._stage_part, meta, self._run_id_part,
+                          _dumps(stamp)))
+        except TypeError:  # a key that is not a str, or a value orjson does not know
+            body = self._record_bytes(name, number, metadata, stamp)
+        if len(body) >= self._max_body:  # the body has no brace: one byte short of the record
+            raise ValueError(
+                f"metric {name!r} serializes to {len(body) + ID_OVERHEAD:,} bytes, over the "
+                f"Firehose record limit of {self._max_body + ID_OVERHEAD - 1:,} bytes: trim its "
+                "metadata")
+        return body
+
+    def _prefix(self, name: str) -> bytes:
+        """The record's bytes up to its value, for ``name``; kept for the first names seen."""
+        if not self._joined or type(name) is not str:  # a str subclass may compare equal to any
+            raise TypeError
+        prefix = b'%b%b,"value":' % (self._context_part, _dumps(name))
+        if len(self._prefixes) < _MAX_PREFIXES:
+            self._prefixes[name] = prefix
+        return prefix
+
+    def _record_bytes(self, name: str, number: float, metadata: Mapping[str, Any],
+                      stamp: Any) -> bytes:
+        """metric()'s bytes from the whole record dict, as orjson (or the lenient path) writes
+        it; open. Metadata at least ``_DEEP_METADATA_BYTES`` long may be nested as deep as
+        orjson's limit, which it reaches one level sooner inside the record than alone."""
         record = {
             "context": self._context, "metric_name": name, "value": number, "stage": self._stage,
-            "metadata": self._default if metadata is None else self._merge(metadata),
-            "run_id": self._run_id,
-            "timestamp": _time() if timestamp is None and not self._datetime_format
-            else self._timestamp(timestamp),
+            "metadata": metadata, "run_id": self._run_id, "timestamp": stamp,
         }
         try:
             body = _dumps(record)
         except TypeError:  # a key that is not a str, or a value orjson does not know
-            body = _serialize_leniently(record, check_keys=record["metadata"])  # plain just failed
-        if len(body) > self._max_body:
-            raise ValueError(
-                f"metric {name!r} serializes to {len(body) + ID_OVERHEAD - 1:,} bytes, over the "
-                f"Firehose record limit of {self._max_body + ID_OVERHEAD - 1:,} bytes: trim its "
-                "metadata")
+            body = _serialize_leniently(record, check_keys=metadata)  # plain just failed
         return body[:-1]
 
     def error(self, exc: BaseException, metadata: Optional[Mapping[str, Any]] = None) -> bytes:
