@@ -189,10 +189,12 @@ def _compression_mismatch(config: Config, compressed: str, where: str) -> str:
                 f"({variable}=gzip): its objects are compressed twice and the dxtrack tables "
                 f"cannot read them; 'dxtrack setup --stage {config.stage} --compression gzip "
                 f"--update' makes it store them as they are, or drop {variable}")
-    return (f"ACTIVE {where}, but it stores records as they come ({compressed}) and the client "
-            f"sends them plain, so its .jsonl.gz objects hold plain lines the dxtrack tables "
-            f"cannot read; set {variable}=gzip in the jobs that send to it, or run 'dxtrack "
-            f"setup --stage {config.stage} --update' to make the stream compress")
+    return (f"ACTIVE {where}, made for clients that gzip ('dxtrack setup --compression gzip': "
+            f"it stores records as they come, {compressed}), but this client sends plain lines, "
+            f"which would land in its .jsonl.gz objects unreadable; set {variable}=gzip (or "
+            "--compression gzip) for every job and command that sends to it. Only if none of "
+            f"them gzips, 'dxtrack setup --stage {config.stage} --update' makes the stream "
+            "compress instead")
 
 
 def _stream_problem(exc: Any, kind: str, where: str, stage: str) -> str:

@@ -8,6 +8,7 @@ a problem is one line on standard error with exit status 1 or 2 (see docs/comman
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import itertools
 import json
@@ -472,3 +473,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _error(str(exc), 2)
     except KeyboardInterrupt:
         return _error("interrupted", 130)
+    except BrokenPipeError:  # `dxtrack query ... | head`: the reader has had enough
+        # Python would also fail flushing stdout at exit: point it at /dev/null first.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a shell reports for a command ended by SIGPIPE

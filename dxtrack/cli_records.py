@@ -183,7 +183,10 @@ def _window(args: argparse.Namespace) -> Window:
         raise UsageError("give --since, or --from and --to, not both")
     if args.since is not None:
         now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
-        return Window(start=now - args.since)
+        try:
+            return Window(start=now - args.since)
+        except OverflowError:  # longer ago than year 1: everything
+            return Window()
     if args.start and args.end and args.start >= args.end:
         raise UsageError("--from must be before --to")
     return Window(args.start, args.end)
@@ -210,9 +213,13 @@ def _source_config(args: argparse.Namespace) -> Config:
 def _records(args: argparse.Namespace, config: Config, window: Window) -> Tuple[Any, Files]:
     """A DuckDB connection with the views over the stage's records in ``window``, and the
     files they read; a :class:`SourceError` if they cannot be fetched."""
-    from .query import connect, within
+    from .query import connect, torn, within
 
     if config.stage == "test":
+        if not os.path.isdir(config.output_dir):
+            raise SourceError(f"{os.path.abspath(config.output_dir)} is not a directory: "
+                              "stage test's records are where output_dir says (--output-dir, "
+                              "DXTRACK_OUTPUT_DIR, else ./.dxtrack_output)")
         files = local(os.fspath(config.output_dir))
         if not files.metric and not files.error:
             print(f"{PROG}: note: no records in {files.where}", file=sys.stderr, flush=True)
@@ -223,6 +230,9 @@ def _records(args: argparse.Namespace, config: Config, window: Window) -> Tuple[
         print(f"{PROG}: {files.where}: {files.objects:,} objects, {files.fetched:,} fetched "
               f"({files.fetched_bytes / 1e6:,.1f} MB), the rest from the cache {cache}",
               file=sys.stderr, flush=True)
+    for path in torn([*files.metric, *files.error]):
+        print(f"{PROG}: note: {path} ends in a cut-off line (a writer stopped in the middle "
+              "of it); that line is left out", file=sys.stderr, flush=True)
     con = connect(files.metric, files.error)
     within(con, window.start, window.end)
     return con, files

@@ -297,14 +297,15 @@ def _report_the_run(scratch: str, run_id: str, blocked: Tuple[int, ...], html: O
         print(f"(dxtrack report would exit 1 here, as a cron job's alert: shop-{blocked[0]:03d} "
               "refused the scraper in this run, on purpose)", file=out)
     if html:
-        try:
-            from .report_html import write
+        from .report_html import need_matplotlib, write
 
-            os.makedirs(os.path.dirname(os.path.abspath(html)), exist_ok=True)
-            write(summary, html)
-        except ImportError:
+        try:
+            need_matplotlib()
+        except SystemExit:
             print("HTML report: needs matplotlib (pip install 'dxtrack[report]')", file=out)
         else:
+            os.makedirs(os.path.dirname(os.path.abspath(html)), exist_ok=True)
+            write(summary, html)
             print(f"HTML report: {os.path.abspath(html)}", file=out)
 
 

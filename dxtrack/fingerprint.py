@@ -2,10 +2,12 @@
 
 Two errors are the same when they have the same exception type and the same innermost
 frames (:data:`FRAMES` of them: file, function and source line), once line numbers and
-memory addresses are set aside. So an error whose code moved down a few lines in a new
-release, or whose message names another object at another address, stays in its group. An
-error with no frames at all (recorded with ``errors()``, never raised) is fingerprinted by
-its type and its value, with numbers and addresses set aside. docs/report.md states the rule.
+memory addresses are set aside, and files named by their last two path parts (after
+``site-packages/`` for installed ones). So an error whose code moved down a few lines in a new
+release, or that runs from another release directory, or whose message names another object
+at another address, stays in its group. An error with no frames at all (recorded with
+``errors()``, never raised) is fingerprinted by its type and its value, with numbers and
+addresses set aside. docs/report.md states the rule.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _MARKERS = re.compile(r"^\s*[\^~]+\s*$")
 # An installed package's path differs between machines and virtualenvs: keep what follows.
 _INSTALLED = re.compile(r"^.*[/\\](?:site|dist)-packages[/\\]")
+# The frames of an exception group's members are printed behind '|' margins.
+_MARGIN = re.compile(r"^(?:\s*\|)+ ?")
+#: Path components kept of a file outside site-packages: a release directory
+#: (/srv/releases/20261201/...) or a home directory does not split a group.
+PATH_PARTS = 2
 
 
 class Fingerprint(str):
@@ -48,9 +55,11 @@ def frames(traceback: Optional[str], depth: int = FRAMES) -> List[str]:
     found: List[Tuple[str, str]] = []
     source_next = False  # the line after a frame's may be its source line
     for line in (traceback or "").splitlines():
+        line = _MARGIN.sub("", line)
         frame = _FRAME.match(line)
         if frame:
             where = _INSTALLED.sub("", frame["file"])
+            where = "/".join(re.split(r"[/\\]", where)[-PATH_PARTS:])
             found.append((f"{where} in {frame['function'].strip()}", ""))
             source_next = True
         elif source_next and line.startswith("    ") and not _MARKERS.match(line):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 if TYPE_CHECKING:
     import duckdb
 
-__all__ = ["ERROR_COLUMNS", "METRIC_COLUMNS", "connect", "local_files", "within"]
+__all__ = ["ERROR_COLUMNS", "METRIC_COLUMNS", "connect", "local_files", "torn", "within"]
 
 _COMMON = {"id": "VARCHAR", "context": "VARCHAR", "stage": "VARCHAR", "run_id": "VARCHAR"}
 #: The columns read from metric lines; ``timestamp`` is read as text, then converted.
@@ -62,6 +62,21 @@ def local_files(output_dir: str) -> Tuple[List[str], List[str]]:
     return found["metric"], found["error"]
 
 
+def torn(files: Sequence[str]) -> List[str]:
+    """Those of ``files`` (plain JSON lines) whose last line is cut off: no newline at the
+    end, as a writer that stopped mid-line leaves it. The views skip that line."""
+    found = []
+    for path in files:
+        try:
+            with open(path, "rb") as lines:
+                lines.seek(-1, os.SEEK_END)
+                if lines.read(1) != b"\n":
+                    found.append(path)
+        except OSError:  # empty or gone: read_json says so, if it matters
+            continue
+    return found
+
+
 def within(con: duckdb.DuckDBPyConnection, start: Optional[datetime.datetime] = None,
            end: Optional[datetime.datetime] = None) -> None:
     """Narrow the views ``metric`` and ``error`` of ``con`` to records from ``start``
@@ -84,8 +99,11 @@ def _view(con: Any, name: str, files: Sequence[str], columns: Dict[str, str]) ->
     if files:
         spec = "{" + ", ".join(f"'{c}': '{t}'" for c, t in columns.items()) + "}"
         listed = "[" + ", ".join(_literal(f) for f in files) + "]"
+        # A line that is not a record (the cut-off last line a crashed writer leaves) is
+        # skipped, not fatal: DuckDB reads what it can of it, and a record's id comes last.
+        # :func:`torn` names the files that end in one.
         source = (f"read_json({listed}, format='newline_delimited', columns={spec}, "
-                  "compression='auto_detect')")
+                  "compression='auto_detect', ignore_errors=true) WHERE id IS NOT NULL")
     else:
         source = ("(SELECT " + ", ".join(f"NULL::{t} AS \"{c}\"" for c, t in columns.items())
                   + " WHERE false)")

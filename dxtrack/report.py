@@ -224,9 +224,10 @@ def build(con: duckdb.DuckDBPyConnection, context: Optional[str] = None,
     history = tuple(all_runs[max(0, position + 1 - runs):position + 1])
     ids = [r.run_id for r in history]
     read = ids + [previous.run_id] if previous and previous not in history else ids
-    con.execute(f"CREATE OR REPLACE TEMP TABLE {_WINDOW} AS SELECT metric_name, run_id, value, "
-                f"metadata, \"timestamp\" FROM metric WHERE context = ? AND run_id IN "
-                f"(SELECT unnest(?::VARCHAR[]))", [context, read])
+    # Firehose delivers at least once: a record that landed twice (the same id) counts once.
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {_WINDOW} AS SELECT DISTINCT ON (id) "
+                f"metric_name, run_id, value, metadata, \"timestamp\" FROM metric "
+                f"WHERE context = ? AND run_id IN (SELECT unnest(?::VARCHAR[]))", [context, read])
     try:
         return Report(
             context=context, run=run, metrics=_metrics(con, run.run_id),
@@ -251,14 +252,14 @@ def for_demo(con: duckdb.DuckDBPyConnection, context: str, run_id: str,
 
 def parse_drop(text: str) -> float:
     """``--drop``: ``50%`` and ``50`` are 50 percent, ``0.5`` is the same as a fraction (a
-    number without ``%`` is a fraction up to 1, a percentage above it)."""
+    number without ``%`` is a fraction below 1, a percentage from 1 on: ``1`` is 1%)."""
     number = text.strip()
     percent = number.endswith("%")
     try:
         value = float(number.rstrip("%").strip())
     except ValueError:
         raise ValueError(f"{text!r} is not a percentage (50%, 50 or 0.5)") from None
-    if percent or value > 1:
+    if percent or value >= 1:
         value /= 100
     if not 0 <= value <= 1:
         raise ValueError(f"{text!r} is not between 0% and 100%")
@@ -285,9 +286,9 @@ def _runs(con: Any) -> Dict[str, List[Run]]:
     rows = con.execute(
         "SELECT context, run_id, min(first), max(last), sum(metrics), sum(errors) FROM ("
         " SELECT context, run_id, min(\"timestamp\") AS first, max(\"timestamp\") AS last,"
-        "  count(*) AS metrics, 0 AS errors FROM metric GROUP BY ALL"
-        " UNION ALL SELECT context, run_id, min(\"timestamp\"), max(\"timestamp\"), 0, count(*)"
-        "  FROM error GROUP BY ALL) WHERE context IS NOT NULL "
+        "  count(DISTINCT id) AS metrics, 0 AS errors FROM metric GROUP BY ALL"
+        " UNION ALL SELECT context, run_id, min(\"timestamp\"), max(\"timestamp\"), 0,"
+        "  count(DISTINCT id) FROM error GROUP BY ALL) WHERE context IS NOT NULL "
         "GROUP BY context, run_id ORDER BY context, max(last), run_id").fetchall()
     found: Dict[str, List[Run]] = {}
     for context, *run in rows:
@@ -321,7 +322,7 @@ def _errors(con: Any, context: str, run_id: str) -> Tuple[ErrorGroup, ...]:
         "SELECT exception.type, exception.traceback, "
         " CASE WHEN coalesce(exception.traceback, '') NOT LIKE '%File \"%' "
         "  THEN exception.value END AS frameless_value, "
-        " count(*), min(\"timestamp\"), max(\"timestamp\"), arg_min(id, \"timestamp\"), "
+        " count(DISTINCT id), min(\"timestamp\"), max(\"timestamp\"), arg_min(id, \"timestamp\"), "
         " arg_min(exception.value, \"timestamp\") "
         "FROM error WHERE context = ? AND run_id = ? GROUP BY ALL", [context, run_id]).fetchall()
     groups: Dict[str, ErrorGroup] = {}
@@ -382,36 +383,39 @@ def _completeness(con: Any, run: Run, previous: Optional[Run], drop: float,
 
 def _grouping_keys(con: Any, previous: str, run: str) -> Dict[str, Tuple[str, ...]]:
     """Each metric's own grouping keys: those with a text (or true/false) value in every
-    record of the metric in the previous run, leaving out per-record values (keys of which
-    more than half the distinct values occur in one record only, over both runs)."""
+    record of the metric in the previous run, and whose values recur: at least half of the
+    values this run recorded were recorded by an earlier run too (a shop does; a URL or a
+    request id, new every time, does not). Judged on this run's values, a shop that stopped
+    reporting cannot make its own key look like a per-record one. A metric this run did not
+    record at all is compared as a whole."""
     rows = con.execute(
-        f"WITH records AS ("
-        f" SELECT metric_name, run_id, metadata FROM {_WINDOW} WHERE run_id IN ($previous, $run)"
-        f"), pairs AS ("
+        f"WITH pairs AS ("
         f" SELECT metric_name, run_id, key, json_type(metadata, path) AS type,"
         f"  json_extract(metadata, path)::VARCHAR AS value"
         f" FROM (SELECT *, '$.' || to_json(key)::VARCHAR AS path"
-        f"       FROM records, unnest(json_keys(metadata)) AS keys(key))"
-        f"), counted AS ("
-        f" SELECT metric_name, key, value, count(*) AS n FROM pairs GROUP BY ALL"
-        f"), spread AS ("
-        f" SELECT metric_name, key, count(*) AS distinct_values,"
-        f"  count(*) FILTER (WHERE n = 1) AS singles FROM counted GROUP BY ALL"
+        f"       FROM {_WINDOW}, unnest(json_keys(metadata)) AS keys(key))"
         f"), present AS ("
         f" SELECT metric_name, key, count(*) AS n FROM pairs"
         f" WHERE run_id = $previous AND type IN ('VARCHAR', 'BOOLEAN') GROUP BY ALL"
         f"), records_before AS ("
-        f" SELECT metric_name, count(*) AS n FROM records WHERE run_id = $previous GROUP BY ALL"
+        f" SELECT metric_name, count(*) AS n FROM {_WINDOW} WHERE run_id = $previous GROUP BY ALL"
+        f"), now AS (SELECT DISTINCT metric_name, key, value FROM pairs WHERE run_id = $run"
+        f"), earlier AS (SELECT DISTINCT metric_name, key, value FROM pairs WHERE run_id <> $run"
+        f"), recurring AS ("
+        f" SELECT now.metric_name, now.key, count(*) AS values_now,"
+        f"  count(earlier.value) AS seen_before FROM now LEFT JOIN earlier"
+        f"  ON earlier.metric_name = now.metric_name AND earlier.key = now.key"
+        f"  AND earlier.value = now.value GROUP BY ALL"
         f")"
         f"SELECT metric_name, list(key ORDER BY key) FROM present"
-        f" JOIN records_before USING (metric_name) JOIN spread USING (metric_name, key)"
-        f" WHERE present.n = records_before.n AND 2 * singles <= distinct_values"
+        f" JOIN records_before USING (metric_name) JOIN recurring USING (metric_name, key)"
+        f" WHERE present.n = records_before.n AND 2 * seen_before >= values_now"
         f" GROUP BY metric_name", {"previous": previous, "run": run}).fetchall()
     return {str(name): tuple(chosen) for name, chosen in rows}
 
 
 def _path(key: str) -> str:
-    return "$." + json.dumps(key)
+    return "$." + json.dumps(key, ensure_ascii=False)  # DuckDB's paths take no \u escapes
 
 
 def _literal(text: str) -> str:

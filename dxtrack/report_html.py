@@ -10,10 +10,12 @@ matplotlib is an optional extra (``pip install 'dxtrack[report]'``), imported on
 
 from __future__ import annotations
 
+import contextlib
 import html
 import io
 import os
 import re
+import tempfile
 from typing import Any, List, Optional, Sequence
 
 from .report import GAP_HEADER, METRIC_HEADER, Report, gap_cells, metric_cells
@@ -53,10 +55,18 @@ def write(report: Report, path: str) -> None:
     """Write the page to ``path`` (UTF-8); it replaces whatever the path held only once it
     is whole."""
     text = page(report)
-    partial = f"{path}.partial"
-    with open(partial, "w", encoding="utf-8") as out:
-        out.write(text)
-    os.replace(partial, path)
+    directory = os.path.dirname(os.path.abspath(path))
+    descriptor, partial = tempfile.mkstemp(dir=directory, prefix=".dxtrack-report-",
+                                           suffix=".partial")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.chmod(partial, 0o644)  # as a page written with open() would be, not mkstemp's 0600
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
 
 
 def page(report: Report) -> str:

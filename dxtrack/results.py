@@ -11,6 +11,7 @@ import csv
 import datetime
 import decimal
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Sequence, TextIO
 
@@ -48,10 +49,39 @@ def write(result: Result, form: str, out: TextIO) -> None:
 
 def _json_lines(result: Result, out: TextIO) -> None:
     is_json = [kind == "json" for kind in result.types] + [False] * len(result.columns)
+    names = _unique(result.columns)
     for row in result.rows:
-        record = {name: _decoded(value) if is_json[index] else value
-                  for index, (name, value) in enumerate(zip(result.columns, row))}
-        out.write(json.dumps(record, ensure_ascii=False, default=_plain) + "\n")
+        record = {name: _decoded(value) if is_json[index] else _finite(value)
+                  for index, (name, value) in enumerate(zip(names, row))}
+        out.write(json.dumps(record, ensure_ascii=False, default=_plain, allow_nan=False)
+                  + "\n")
+
+
+def _unique(names: Sequence[str]) -> List[str]:
+    """Column names as JSON keys: a name met again becomes ``name_2``, ``name_3``, ..."""
+    seen: Dict[str, int] = {}
+    unique = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        candidate = name if seen[name] == 1 else f"{name}_{seen[name]}"
+        while candidate in seen and candidate != name:
+            seen[name] += 1
+            candidate = f"{name}_{seen[name]}"
+        seen.setdefault(candidate, 1)
+        unique.append(candidate)
+    return unique
+
+
+def _finite(value: Any) -> Any:
+    """NaN and the infinities, which JSON has no words for, as null (in lists, structs and
+    maps too)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    return value
 
 
 def _csv(result: Result, out: TextIO) -> None:

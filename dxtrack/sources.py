@@ -5,7 +5,7 @@ Stage ``test``: the files ``metric.jsonl`` and ``error.jsonl`` in the output dir
 (:meth:`dxtrack.landing.Landing.prefix`), listed and fetched into a local cache. A cached file
 is named by bucket, key and ETag, so an object is fetched once; it is written under a
 temporary name and renamed when complete, so a half-written file is never read. Objects may be
-plain, gzip, or several gzip members one after the other (what a client compressing its own
+plain, gzip, several gzip members one after the other (what a client compressing its own
 records makes); the cache holds them decompressed, since DuckDB read only the first member of
 such a file before mid-2025 and ``dxtrack[query]`` allows those versions.
 
@@ -17,12 +17,10 @@ filtered on ``timestamp`` (:func:`dxtrack.query.within`).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime as _dt
-import gzip
-import io
 import os
 import re
-import shutil
 import tempfile
 import urllib.parse
 import zlib
@@ -64,9 +62,16 @@ class Window:
     end: Optional[_dt.datetime] = None
 
     def days(self) -> Tuple[Optional[_dt.date], Optional[_dt.date]]:
-        """The first and last ``dt`` partitions that can hold records of the window."""
-        first = (self.start - _DAY).date() if self.start else None
-        last = (self.end - _dt.timedelta(microseconds=1) + _DAY).date() if self.end else None
+        """The first and last ``dt`` partitions that can hold records of the window (a day
+        beyond year 1 or 9999 leaves that side open)."""
+        try:
+            first = (self.start - _DAY).date() if self.start else None
+        except OverflowError:
+            first = None
+        try:
+            last = (self.end - _dt.timedelta(microseconds=1) + _DAY).date() if self.end else None
+        except OverflowError:
+            last = None
         return first, last
 
 
@@ -75,7 +80,10 @@ def parse_duration(text: str) -> _dt.timedelta:
     match = _SINCE.fullmatch(text.strip())
     if not match:
         raise ValueError(f"{text!r} is not a duration such as 90m, 24h or 7d")
-    return _dt.timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        return _dt.timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    except OverflowError:
+        raise ValueError(f"{text!r} is longer than the years a date can hold") from None
 
 
 def parse_time(text: str, *, end: bool = False) -> _dt.datetime:
@@ -85,12 +93,16 @@ def parse_time(text: str, *, end: bool = False) -> _dt.datetime:
     try:
         if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
             day = _dt.datetime.combine(_dt.date.fromisoformat(text), _dt.time())
-            return day + _DAY if end else day
+            if not end:
+                return day
+            return day + _DAY if day.date() < _dt.date.max else _dt.datetime.max
         when = _dt.datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
-    except ValueError:
+        if when.tzinfo:
+            when = when.astimezone(_UTC).replace(tzinfo=None)
+    except (ValueError, OverflowError):
         raise ValueError(f"{text!r} is not a date (2026-12-01) or a time "
                          "(2026-12-01T06:00, UTC unless it has an offset)") from None
-    return when.astimezone(_UTC).replace(tzinfo=None) if when.tzinfo else when
+    return when
 
 
 @dataclass
@@ -214,17 +226,11 @@ class Bucket:
             with os.fdopen(fd, "wb") as out:
                 answer = self.s3.get_object(Bucket=self.bucket, Key=key, IfMatch=etag)
                 size = int(answer.get("ContentLength", 0))
-                body = answer["Body"]
-                head = body.read(len(_GZIP_MAGIC))
-                if head == _GZIP_MAGIC:  # every member, as gzip.GzipFile reads them
-                    with gzip.GzipFile(fileobj=_Rewound(head, body), mode="rb") as text:
-                        shutil.copyfileobj(text, out, 1 << 20)
-                else:
-                    out.write(head)
-                    shutil.copyfileobj(body, out, 1 << 20)
+                unpack(answer["Body"], out)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(partial, path)
+            _forget_older(path)
         except botocore.exceptions.ClientError as exc:
             advice = "; it changed while it was read, run again" if _code(exc) in (
                 "PreconditionFailed", "412") else ""
@@ -241,23 +247,42 @@ class Bucket:
         return path, size
 
 
-class _Rewound:
-    """A stream with its first bytes, already read, put back in front."""
+def _forget_older(path: str) -> None:
+    """Remove the cache's copies of the same object under other ETags (it was replaced)."""
+    directory, name = os.path.split(path)
+    stem = name[:-len(".jsonl")].rpartition(".")[0] + "."  # the key's last part, and a dot
+    for other in os.listdir(directory):
+        middle = other[len(stem):-len(".jsonl")]
+        if other != name and other.startswith(stem) and other.endswith(".jsonl") \
+                and middle and "." not in middle:  # an ETag holds no dot: the same key
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, other))
 
-    def __init__(self, head: bytes, rest: Any) -> None:
-        self.head, self.rest = head, rest
 
-    def read(self, size: int = -1) -> bytes:
-        if not self.head:
-            return bytes(self.rest.read(size if size >= 0 else None))
-        if size < 0:
-            out, self.head = self.head + self.rest.read(), b""
-            return bytes(out)
-        out, self.head = self.head[:size], self.head[size:]
-        return out
-
-    def seek(self, offset: int) -> int:  # gzip needs it only to go back, which never happens
-        raise io.UnsupportedOperation("seek")
+def unpack(body: Any, out: Any) -> None:
+    """Copy an object's lines from ``body`` to ``out``: gzip members decompressed, one after
+    the other, and plain lines as they are, in whatever mix. (A stage of gzip clients holds
+    plain lines too when one producer was left without ``compression="gzip"``; JSON text
+    never holds the byte 0x1f that starts a gzip member, so the two cannot be confused.)"""
+    reader: Any = None  # the member being decompressed
+    data = b""
+    for chunk in iter(lambda: body.read(1 << 20), b""):
+        data += chunk
+        while data:
+            if reader is not None:
+                out.write(reader.decompress(data))
+                data = reader.unused_data if reader.eof else b""
+                reader = None if reader.eof else reader
+            elif data.startswith(_GZIP_MAGIC):
+                reader = zlib.decompressobj(31)
+            elif data == _GZIP_MAGIC[:1]:
+                break  # a member may start here: wait for the next byte
+            else:
+                cut = data.find(_GZIP_MAGIC[:1], 1)
+                plain, data = (data, b"") if cut < 0 else (data[:cut], data[cut:])
+                out.write(plain)
+    if reader is not None or data:
+        raise EOFError("the object ends in the middle of a gzip member")
 
 
 def _day(text: str) -> Optional[_dt.date]:

@@ -266,7 +266,7 @@ class TestSettings:
         check_aws(plain, report)
         out = capsys.readouterr().out
         assert report.failed == 2
-        assert "hold plain lines" in out and "DXTRACK_COMPRESSION=gzip" in out
+        assert "made for clients that gzip" in out and "DXTRACK_COMPRESSION=gzip" in out
         # Setup without --compression reports the streams as different, and --update fixes it.
         assert main(["setup", *where]) == 1
         assert "CompressionFormat" in capsys.readouterr().out

@@ -203,10 +203,50 @@ class TestQueryLocal:
         ran.error_line()
 
     def test_an_empty_directory_gives_empty_views(self, tmp_path: Any, run: Any) -> None:
-        ran = run("query", "--stage", "test", "--output-dir", str(tmp_path / "none"),
+        ran = run("query", "--stage", "test", "--output-dir", str(tmp_path),
                   "--format", "csv", "SELECT count(*) AS n FROM metric")
         assert (ran.status, ran.out) == (0, "n\n0\n")
         assert "no records in" in ran.err
+        # A directory that is not there is a mistyped --output-dir, not an empty stage.
+        ran = run("query", "--stage", "test", "--output-dir", str(tmp_path / "none"),
+                  "SELECT count(*) AS n FROM metric")
+        assert ran.status == 1 and "is not a directory" in ran.error_line()
+
+    def test_a_line_cut_off_by_a_crashed_writer_is_left_out(self, recorded: Recorded,
+                                                            run: Any) -> None:
+        path = os.path.join(recorded.directory, "metric.jsonl")
+        with open(path, "ab") as out:
+            out.write(b'{"context":"job","metric_name":"scrape.products","val')
+        for command in (["query", *recorded.flags(), "--format", "csv",
+                         "SELECT count(*) AS n FROM metric"],
+                        ["report", *recorded.flags(), "--context", "scraper"]):
+            ran = run(*command)
+            assert ran.status in (0, 1) and "Traceback" not in ran.err, ran.err
+            assert f"{path} ends in a cut-off line" in ran.err
+        assert run("query", *recorded.flags(), "--format", "csv",
+                   "SELECT count(*) AS n FROM metric").out == "n\n16\n"
+
+    def test_times_beyond_the_calendar_are_not_tracebacks(self, recorded: Recorded,
+                                                          run: Any) -> None:
+        count = "SELECT count(*) AS n FROM metric"
+        assert run("query", *recorded.flags(), "--to", "9999-12-31", count).status == 0
+        assert run("query", *recorded.flags(), "--from", "0001-01-01", count).status == 0
+        assert run("query", *recorded.flags(), "--since", "9999999w", count).status == 0
+        ran = run("query", *recorded.flags(), "--since", "99999999999999999999d", count)
+        assert ran.status == 2 and "longer than" in ran.error_line()
+
+    def test_json_lines_are_json(self, recorded: Recorded, run: Any) -> None:
+        ran = run("query", *recorded.flags(), "--format", "json",
+                  "SELECT 1 AS a, 2 AS a, 'nan'::DOUBLE AS x, ['inf'::DOUBLE, 1.5] AS xs")
+        assert ran.out.splitlines() == ['{"a": 1, "a_2": 2, "x": null, "xs": [null, 1.5]}']
+
+    def test_a_reader_that_stops_early(self, recorded: Recorded) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DXTRACK_"))}
+        done = subprocess.run(
+            f"{sys.executable} -m dxtrack query {' '.join(recorded.flags())} --format csv "
+            "'SELECT * FROM range(1000000)' | head -n 2", shell=True, env=env,
+            capture_output=True, text=True, timeout=120)
+        assert done.stdout == "range\n0\n" and "Traceback" not in done.stderr, done.stderr
 
     def test_as_a_process(self, recorded: Recorded, tmp_path: Any) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DXTRACK_"))}
@@ -360,6 +400,22 @@ class TestBucket:
         third = bucket.files()
         assert third.fetched == 1 and len(third.metric) == 3  # the empty one has no lines
         assert leftover not in third.metric
+        # The copy under the old ETag is gone; the other objects' copies stay.
+        folder = sorted(os.listdir(os.path.dirname(first.metric[0])))
+        keys = [name.rsplit(".", 2)[0] for name in folder if not name.startswith(".")]
+        assert [key[-5:] for key in keys] == ["o0.gz", "o1.gz", "o2.gz", "o3.gz"]
+
+    def test_an_object_of_gzip_members_and_plain_lines(self, s3: Any, moto_url: str,
+                                                       tmp_path: Any, run: Any) -> None:
+        """A producer left without compression='gzip' in a gzip stage: both kinds are read."""
+        day = NOW - datetime.timedelta(hours=1)
+        lines = [_line("m", n, day, "s", n) for n in range(4)]
+        body = gzip.compress(lines[0]) + lines[1] + gzip.compress(lines[2]) + lines[3]
+        s3.put_object(Bucket=BUCKET, Key=_key("metric", day, "mixed.gz"), Body=body)
+        ran = run("query", "--stage", "dev", "--endpoint-url", moto_url, "--region", REGION,
+                  "--cache-dir", str(tmp_path / "cache"), "--format", "csv",
+                  "SELECT count(*) AS n, sum(value) AS total FROM metric")
+        assert ran.out == "n,total\n4,6.0\n", ran.err
 
     def test_since_leaves_out_old_partitions(self, s3: Any, moto_url: str,
                                              tmp_path: Any, run: Any) -> None:

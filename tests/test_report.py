@@ -101,6 +101,33 @@ class TestCompleteness:
         assert "products by shop\n" in done.stdout  # url and seconds vary per record
         assert "1 missing, 0 dropped by more than 50%" in done.stdout
 
+    def test_most_shops_gone_are_each_missing(self, tmp_path: Any) -> None:
+        """Shops that stopped reporting do not make ``shop`` look like a per-record key."""
+        record_run(tmp_path, "run-1", shops({"a": 10, "b": 1, "c": 1, "d": 1, "e": 1}))
+        record_run(tmp_path, "run-2", shops({"a": 10}))
+        done = build(tmp_path).completeness
+        assert done.by == {"products": ("shop",)}
+        assert [gap.metadata for gap in done.missing] == [{"shop": s} for s in "bcde"]
+
+    def test_a_key_with_letters_beyond_ascii(self, tmp_path: Any) -> None:
+        record_run(tmp_path, "run-1",
+                   [("products", 1, {"shöp": "ä"}), ("products", 2, {"shöp": "b"})])
+        record_run(tmp_path, "run-2", [("products", 1, {"shöp": "ä"})])
+        for by in (None, ("shöp",)):
+            [gap] = build(tmp_path, by=by).completeness.missing
+            assert gap.metadata == {"shöp": "b"}
+
+    def test_a_record_that_landed_twice_counts_once(self, tmp_path: Any) -> None:
+        record_run(tmp_path, "run-1", shops({"a": 100, "b": 100}))
+        record_run(tmp_path, "run-2", shops({"a": 100, "b": 45}))
+        path = tmp_path / "metric.jsonl"
+        lines = path.read_bytes().splitlines(keepends=True)
+        path.write_bytes(b"".join(lines + lines[-2:]))  # run-2 redelivered, as Firehose may
+        result = build(tmp_path)
+        assert [(g.metadata, g.now) for g in result.completeness.dropped] == [({"shop": "b"}, 45)]
+        assert [(m.name, m.count, m.sum) for m in result.metrics] == [("products", 2, 145)]
+        assert result.run.metrics == 2
+
     def test_a_drop_beyond_the_threshold_and_not_one_within_it(self, tmp_path: Any) -> None:
         record_run(tmp_path, "run-1", shops({"a": 100, "b": 100, "c": 100}))
         record_run(tmp_path, "run-2", shops({"a": 100, "b": 40, "c": 60}))  # -60%, -40%
@@ -188,8 +215,20 @@ class TestErrors:
             '  File "/srv/app/fetch.py", line 7, in parse\n    raise ValueError(x)\n'
             "ValueError: bad value at 0x7f00deadbeef\n    indented text of the message\n")
         assert frames(traceback) == [
-            "shop/api.py in run: fetch(0x?)", "/srv/app/fetch.py in fetch",
-            "/srv/app/fetch.py in parse: raise ValueError(x)"]
+            "shop/api.py in run: fetch(0x?)", "app/fetch.py in fetch",
+            "app/fetch.py in parse: raise ValueError(x)"]
+        # Another release directory is the same place; an exception group's members' frames
+        # are frames too.
+        moved = traceback.replace("/srv/app/", "/srv/releases/20261202/app/")
+        assert frames(moved) == frames(traceback)
+        grouped = ("  + Exception Group Traceback (most recent call last):\n"
+                   '  |   File "/srv/app/main.py", line 5, in <module>\n  |     run()\n'
+                   "  | ExceptionGroup: x (1 sub-exception)\n  +-+---------------- 1 ---\n"
+                   "    | Traceback (most recent call last):\n"
+                   '    |   File "/srv/app/fetch.py", line 9, in parse\n'
+                   "    |     raise ValueError(x)\n    | ValueError: a\n")
+        assert frames(grouped) == ["app/main.py in <module>: run()",
+                                   "app/fetch.py in parse: raise ValueError(x)"]
 
     def test_errors_without_frames_group_by_normalised_value(self) -> None:
         a = fingerprint("TimeoutError", "shop 12 timed out after 30.5 s at 0x7f01", None)
@@ -294,7 +333,8 @@ class TestDrop:
     """``--drop`` takes a percentage or a fraction."""
 
     @pytest.mark.parametrize(("text", "value"), [("50%", 0.5), ("50", 0.5), ("0.5", 0.5),
-                                                 ("12.5 %", 0.125), ("0", 0.0), ("1", 1.0)])
+                                                 ("12.5 %", 0.125), ("0", 0.0), ("1", 0.01),
+                                                 ("100%", 1.0), ("0.99", 0.99)])
     def test_accepted(self, text: str, value: float) -> None:
         assert report.parse_drop(text) == pytest.approx(value)
 
@@ -321,6 +361,16 @@ def _raise(exc: BaseException) -> None:
 
 class TestHtml:
     """``--html FILE``: one self-contained page, all record text escaped."""
+
+    def test_a_page_that_cannot_be_written_leaves_nothing(self, tmp_path: Any) -> None:
+        html_runs(tmp_path)
+        target = tmp_path / "taken"
+        target.mkdir()
+        done = dxtrack(tmp_path, "--html", str(target))
+        assert done.returncode == 1 and "--html: cannot write" in done.stderr
+        assert "Traceback" not in done.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["error.jsonl", "metric.jsonl",
+                                                               "taken"]
 
     def test_self_contained_and_escaped(self, tmp_path: Any) -> None:
         html_runs(tmp_path)
