@@ -30,8 +30,8 @@ MAX_RECORD_BYTES = 1_024_000
 #: One Firehose record: its data and the lines it carries.
 Record = Tuple[bytes, Sequence[bytes]]
 
-#: zlib level 1: within a tenth of level 9's size on dxtrack's lines at a third of its CPU
-#: (benchmarks/RESULTS.md, "Issue 16").
+#: zlib level 1: within a tenth of level 9's size on dxtrack's lines, at two fifths of its
+#: CPU (benchmarks/RESULTS.md, "Issue 16").
 GZIP_LEVEL = 1
 #: The most gzip adds to a line that does not compress (zlib's ``deflateBound`` of 1,024,000
 #: bytes is 337 more, the gzip wrapper included): a line this much under the record limit
