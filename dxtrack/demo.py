@@ -3,7 +3,10 @@
 Stage ``dev`` (the default) runs the job in a pool of worker processes against an embedded moto
 server playing Firehose and S3 (no AWS account, nothing leaves the machine), then reads the S3
 objects back and checks that every record landed once; stage ``test`` writes local files. The
-workers use the ready-made ``dxtrack``, configured once in the parent (children inherit it).
+job runs twice, a short earlier run and then the run, in which one shop refuses the scraper,
+and the demo ends with ``dxtrack report`` of the run, which names that shop as missing, and
+its HTML page. The workers use the ready-made ``dxtrack``, configured once in the parent
+(children inherit it).
 """
 
 from __future__ import annotations
@@ -205,7 +208,7 @@ def run(stage: str = "dev", shops: int = 40, pages: int = 500, workers: int = 4,
         emitted = {stream: earlier[stream] + emitted[stream] for stream in emitted}
         found = _landed(url, bucket) if stage == "dev" else _local(scratch)
         ok = _report(emitted, found, elapsed, out)
-        _report_the_run(scratch, run_id, blocked, html, out)
+        _report_the_run(scratch, bucket, run_id, blocked, html, out)
         return ok
     finally:
         dxtrack.close(timeout=10)
@@ -269,8 +272,8 @@ def _report(emitted: Dict[str, int], found: Dict[str, List[bytes]], elapsed: flo
     return ok
 
 
-def _report_the_run(scratch: str, run_id: str, blocked: Tuple[int, ...], html: Optional[str],
-                    out: Any) -> None:
+def _report_the_run(scratch: str, bucket: str, run_id: str, blocked: Tuple[int, ...],
+                    html: Optional[str], out: Any) -> None:
     """Print ``dxtrack report`` of the demo's run, read back from where it landed (the
     bucket, through a cache, or the local files), and write its HTML page."""
     from . import query, report
@@ -282,7 +285,7 @@ def _report_the_run(scratch: str, run_id: str, blocked: Tuple[int, ...], html: O
     if config.stage == "test":
         files = query.local_files(scratch)
     else:
-        landed = Bucket(config, cache_dir=os.path.join(scratch, "cache"))
+        landed = Bucket(config, cache_dir=os.path.join(scratch, "cache"), bucket=bucket)
         found = landed.files()
         files = (found.metric, found.error)
     con = query.connect(*files)
