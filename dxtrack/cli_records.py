@@ -171,11 +171,12 @@ def _seconds(text: str) -> float:
 
 
 def _need_duckdb() -> Any:
+    from .query import need_duckdb
+
     try:
-        import duckdb
-    except ImportError:
-        raise UsageError("this command needs DuckDB: pip install 'dxtrack[query]'") from None
-    return duckdb
+        return need_duckdb()
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _window(args: argparse.Namespace) -> Window:
@@ -310,7 +311,10 @@ def report(args: argparse.Namespace) -> int:
     if args.html:
         from .report_html import need_matplotlib
 
-        need_matplotlib()  # before any work: without it, one line saying how to install it
+        try:
+            need_matplotlib()  # before any work: without it, one line saying how to install it
+        except ImportError as exc:
+            return _error(str(exc), 1)
     given = _given(args)
     from_environment = _from_environment(given)
     context = given.get("context", from_environment.get("context"))

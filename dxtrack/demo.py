@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import gzip
 import logging
 import multiprocessing
 import os
@@ -154,15 +153,15 @@ def _landed(url: str, bucket: str) -> Dict[str, List[bytes]]:
     """Every line in the demo bucket, per stream."""
     import boto3
 
+    from .sources import decompressed
+
     s3 = boto3.client("s3", region_name=REGION, endpoint_url=url, **CREDENTIALS)
     found: Dict[str, List[bytes]] = {"metric": [], "error": [], "objects": []}
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         for item in page.get("Contents", []):
             stream = item["Key"].split("/", 1)[0]
             body = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
-            if body[:2] == b"\x1f\x8b":  # compression="gzip": one member per record
-                body = gzip.decompress(body)
-            found[stream].extend(body.splitlines())
+            found[stream].extend(decompressed(body).splitlines())  # compression="gzip" too
             found["objects"].append(item["Key"].encode())
     return found
 
@@ -304,8 +303,8 @@ def _report_the_run(scratch: str, bucket: str, run_id: str, blocked: Tuple[int, 
 
         try:
             need_matplotlib()
-        except SystemExit:
-            print("HTML report: needs matplotlib (pip install 'dxtrack[report]')", file=out)
+        except ImportError as exc:
+            print(f"HTML report: not written: {exc}", file=out)
         else:
             os.makedirs(os.path.dirname(os.path.abspath(html)), exist_ok=True)
             write(summary, html)

@@ -34,12 +34,11 @@ _TIMESTAMP = ("coalesce(try_cast(\"timestamp\" AS TIMESTAMP), "
 
 
 def need_duckdb() -> Any:
-    """Import DuckDB, or say how to install it."""
+    """Import DuckDB, or raise an ImportError saying how to install it."""
     try:
         import duckdb
     except ImportError:
-        raise SystemExit(
-            "dxtrack: this command needs DuckDB: pip install 'dxtrack[query]'") from None
+        raise ImportError("this needs DuckDB: pip install 'dxtrack[query]'") from None
     return duckdb
 
 

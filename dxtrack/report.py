@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import duckdb
 
 __all__ = ["DEFAULT_DROP", "DEFAULT_RUNS", "Completeness", "ErrorGroup", "Gap", "MetricSummary",
-           "NothingToReport", "Report", "Run", "build", "for_demo", "gap_cells", "metric_cells",
+           "NothingToReport", "Report", "Run", "build", "gap_cells", "metric_cells",
            "number_text", "parse_drop"]
 
 #: A combination's sum may fall by this fraction before the report calls it dropped.
@@ -244,17 +244,6 @@ def build(con: duckdb.DuckDBPyConnection, context: Optional[str] = None,
         )
     finally:
         con.execute(f"DROP TABLE IF EXISTS {_WINDOW}")
-
-
-def for_demo(con: duckdb.DuckDBPyConnection, context: str, run_id: str,
-             html_path: str) -> str:
-    """The text of ``dxtrack report`` for one run, after writing its HTML page to
-    ``html_path`` (the demo's last step; the page needs matplotlib)."""
-    from .report_html import write
-
-    report = build(con, context=context, run_id=run_id)
-    write(report, html_path)
-    return report.text()
 
 
 def parse_drop(text: str) -> float:

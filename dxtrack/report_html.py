@@ -42,12 +42,12 @@ _THIS_RUN, _OTHER_RUNS = "#1f5fa8", "#a9c1de"
 
 
 def need_matplotlib() -> Any:
-    """Import matplotlib's Figure, or say how to install it (one line)."""
+    """Import matplotlib's Figure, or raise an ImportError saying how to install it."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise SystemExit("dxtrack: error: report --html needs matplotlib: "
-                         "pip install 'dxtrack[report]'") from None
+        raise ImportError("report --html needs matplotlib: pip install 'dxtrack[report]'"
+                          ) from None
     return Figure
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import datetime as _dt
+import io
 import os
 import re
 import tempfile
@@ -257,6 +258,13 @@ def _forget_older(path: str) -> None:
                 and middle and "." not in middle:  # an ETag holds no dot: the same key
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(directory, other))
+
+
+def decompressed(body: bytes) -> bytes:
+    """An object's lines, from its whole body (:func:`unpack` on bytes in memory)."""
+    out = io.BytesIO()
+    unpack(io.BytesIO(body), out)
+    return out.getvalue()
 
 
 def unpack(body: Any, out: Any) -> None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
-import gzip
 import os
 import urllib.request
+import zlib
 from typing import Any, Callable, Dict, Iterator, List
 
 import boto3
@@ -14,6 +14,7 @@ import pytest
 
 from dxtrack import DXTrack
 from dxtrack.demo import create_landing, firehose_expands_timestamps
+from dxtrack.sources import decompressed
 
 REGION = "eu-west-1"
 BUCKET = "dxtrack-landing"
@@ -56,7 +57,18 @@ def moto_url() -> Iterator[str]:
 
 def plain(body: bytes) -> bytes:
     """An S3 object's lines: a gzip body (one member per Firehose record) decompressed."""
-    return gzip.decompress(body) if body[:2] == b"\x1f\x8b" else body
+    return decompressed(body)
+
+
+def members(data: bytes) -> List[bytes]:
+    """The decompressed members of a gzip body, one by one (each must be complete)."""
+    found = []
+    while data:
+        reader = zlib.decompressobj(31)
+        found.append(reader.decompress(data))
+        assert reader.eof, "a gzip member is cut short"
+        data = reader.unused_data
+    return found
 
 
 class Landing:

@@ -13,11 +13,10 @@ import random
 import subprocess
 import sys
 import urllib.request
-import zlib
-from typing import Any, List
+from typing import Any
 
 import pytest
-from conftest import CREDENTIALS, REGION
+from conftest import CREDENTIALS, REGION, members
 from test_firehose import (
     ERROR_STREAM,
     FAST_RETRY,
@@ -41,17 +40,6 @@ from dxtrack.cli import main
 from dxtrack.sinks.packing import GZIP_MARGIN, Gzip, plan_calls
 
 GZ_STREAM = "gz-metrics"
-
-
-def members(data: bytes) -> List[bytes]:
-    """The decompressed members of a gzip body, one by one (each must be complete)."""
-    found = []
-    while data:
-        reader = zlib.decompressobj(31)
-        found.append(reader.decompress(data))
-        assert reader.eof, "a gzip member is cut short"
-        data = reader.unused_data
-    return found
 
 
 def random_text(rng: random.Random, length: int) -> str:
