@@ -10,7 +10,8 @@ calls from a one-line function, ``call(i)``, whose own cost is the ``empty`` row
 it to compare with ``benchmarks/bench_caller.py``'s loops. Needs ``valgrind`` on PATH.
 
 Variants: empty, floor (dict + orjson.dumps + deque.append, as bench_caller), build
-(``RecordBuilder.metric``), put (``StreamBuffer.put``), finalize (the worker's id),
+(``RecordBuilder.metric``), put (``StreamBuffer.put``, the locked path), offer
+(``StreamBuffer.offer``, the inbox), finalize (the worker's id),
 async-caller / buffered-caller (``metric()`` with the worker held off: the caller's path
 alone), async / buffered (``metric()`` with its worker, which delivers in the same process).
 """
@@ -26,8 +27,8 @@ import sys
 import time
 from typing import Any, Callable, Dict, List
 
-VARIANTS = ("empty", "floor", "build", "put", "finalize", "async-caller", "buffered-caller",
-            "async", "buffered")
+VARIANTS = ("empty", "floor", "build", "put", "offer", "finalize", "async-caller",
+            "buffered-caller", "async", "buffered")
 
 
 def workload(variant: str, calls: int) -> None:
@@ -43,14 +44,19 @@ def workload(variant: str, calls: int) -> None:
     md, name = c.METADATA, c.NAME
     queue: Any = collections.deque()
     dx = DXTrack()
-    mode = {"buffer_metrics": True} if variant.startswith(("buffered", "build", "put", "fin")) \
-        else {"use_async_requests": True}
-    dx.configure(stage="test", context=c.CONTEXT, run_id=c.RUN_ID, sink=c.DiscardSink(),
-                 max_buffer_records=10**6, **mode)
+    mode = {"use_async_requests": True} if variant.startswith("async") \
+        else {"buffer_metrics": True}
+    held = variant in ("build", "put", "offer", "finalize") or variant.endswith("-caller")
+    # Held off, the worker never takes: a batch as big as the buffer keeps the queue short of
+    # "ready" for every call, as a worker that takes would.
+    sink = c.DiscardSink(max_batch_lines=10**6) if held else c.DiscardSink()
+    dx.configure(stage="test", context=c.CONTEXT, run_id=c.RUN_ID, sink=sink,
+                 max_buffer_records=10**6, max_buffer_bytes=2**31, **mode)
     builder, pipeline = dx._state  # a benchmark may look inside
-    if variant in ("build", "put", "finalize") or variant.endswith("-caller"):
+    if held:
         pipeline.buffer.worker_started()  # the worker must not run: only the caller is counted
-    build, put, metric = builder.metric, pipeline.buffer.put, dx.metric
+    build, metric = builder.metric, dx.metric
+    put, offer = pipeline.buffer.put, pipeline.buffer.offer
     body = build(name, 1, md)
     dumps, now = orjson.dumps, time.time
     context, stage, run_id = c.CONTEXT, c.STAGE, c.RUN_ID
@@ -61,6 +67,7 @@ def workload(variant: str, calls: int) -> None:
             "metadata": md, "run_id": run_id, "timestamp": now()})),
         "build": lambda i: queue.append(build(name, i, md)),
         "put": lambda i: queue.append(put("metric", body, False)),
+        "offer": lambda i: queue.append(offer(body)),
         "finalize": lambda i: queue.append(finalize(body)),
     }
     call = calls_of.get(variant, lambda i: metric(name, i, md))

@@ -14,12 +14,30 @@ that records: a signal handler, or a ``__del__`` or weakref callback run by the 
 collector. Such a call finds ``_busy`` set (a change is half done) and leaves its record
 in a side queue, as ``queue.SimpleQueue.put`` would; the interrupted code folds it in
 before it lets go of the lock. It never waits for delivery (:data:`DEFERRED`).
+
+A caller that will not wait for its record (``metric()`` in async and buffered mode) takes
+no lock at all on the common path: :meth:`StreamBuffer.offer` appends the body to the
+stream's *inbox*, a deque (whose ``append`` is atomic, and safe from a signal handler),
+while the inbox is below the stream's ``room``. Whoever holds the lock next folds the
+inbox into the queue, oldest first, before anything reads the queue: a put, the worker's
+take, a flush, a close, the counters. ``room`` is set under the lock, and is above zero
+only while the fold is sure to come in time and to fit: the stream's queue is not empty (a
+due time or an urgent take is set), the buffer is open, and the queue plus a full inbox of
+bodies up to ``_INBOX_BODY`` bytes stays under both bounds and under the size that makes a
+batch ready (which wakes the worker). Whatever could break that premise (a take, a drain,
+close, stop, a worker that ended) bumps the stream's ``gen``; a caller that sees ``gen``
+move across its append takes its record back under the lock (if nobody folded it yet) and
+puts it the ordinary way, so it is never left behind, refused silently or counted twice.
+Two threads can pass the ``room`` check at once, so the inbox may exceed ``room`` by one
+body per racing thread; the fold takes those too, so the bounds are exact for the queue and
+soft by at most that for the inbox. Without a GIL (free-threaded builds) ``room`` stays 0.
 """
 
 from __future__ import annotations
 
 import collections
 import random
+import sys
 import threading
 import time
 from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Set, Tuple
@@ -27,7 +45,8 @@ from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Set, Tuple
 from .clock import Clock
 from .records import ERROR, ID_OVERHEAD, METRIC
 
-__all__ = ["CLOSED", "DEFERRED", "DROPPED", "IDLE", "SPILLED", "Checkpoint", "StreamBuffer"]
+__all__ = ["CLOSED", "DEFERRED", "DROPPED", "IDLE", "QUEUED", "SPILLED", "Checkpoint",
+           "StreamBuffer"]
 
 # What put() returns instead of a sequence number: it did not take the record ...
 DROPPED = 0
@@ -37,21 +56,31 @@ CLOSED = -1
 DEFERRED = -2
 #: ... or it did not fit, and went to the disk spool's writer (``on_full="spool"``).
 SPILLED = -3
+#: What offer() returns for a record it left in the inbox: taken, numbered at the fold.
+QUEUED = 1 << 62
 #: What take() returns when the worker had nothing to do for its ``idle`` seconds.
 IDLE: Tuple[str, List[bytes], int] = ("", [], 0)
 
 #: Relative jitter of ``flush_interval``, so pools of processes do not send in lockstep.
 _INTERVAL_JITTER = 0.1
+#: The largest body offer() leaves in the inbox; ``room`` counts the bytes at this size.
+_INBOX_BODY = 2048
+#: The inbox needs the GIL: its check and its append are two steps (see the docstring).
+_INBOX_OK = getattr(sys, "_is_gil_enabled", lambda: True)()
 
 
 class _Stream:
-    __slots__ = ("name", "queue", "bytes", "enqueued", "taken", "settled", "in_flight", "urgent",
-                 "due", "flush_target", "losses", "forgotten", "drops", "checked", "checked_drops",
-                 "outage", "outage_after", "failed", "evicted", "spilled", "spooled_ahead")
+    __slots__ = ("name", "queue", "inbox", "room", "gen", "bytes", "enqueued", "taken", "settled",
+                 "in_flight", "urgent", "due", "flush_target", "losses", "forgotten", "drops",
+                 "checked", "checked_drops", "outage", "outage_after", "failed", "evicted",
+                 "spilled", "spooled_ahead")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.queue: Deque[bytes] = collections.deque()
+        self.inbox: Deque[bytes] = collections.deque()  # offer()'s, not folded in yet
+        self.room = 0           # bodies offer() may leave in the inbox without the lock
+        self.gen = 0            # bumped when what ``room`` assumed may no longer hold
         self.bytes = 0          # serialized bytes in ``queue``
         self.enqueued = 0       # sequence number of the newest accepted record
         self.taken = 0          # ... of the newest record that left the queue
@@ -104,7 +133,8 @@ class StreamBuffer:
     def __init__(self, *, max_records: int, max_bytes: int, on_full: str, block_timeout: float,
                  flush_interval: float, batch_lines: int, batch_bytes: int, clock: Clock,
                  start_worker: Callable[[], object] = lambda: None,
-                 spill: Optional[Callable[[str, bytes], bool]] = None) -> None:
+                 spill: Optional[Callable[[str, bytes], bool]] = None,
+                 offer_urgent: bool = False) -> None:
         self.max_records, self.max_bytes, self.on_full = max_records, max_bytes, on_full
         self.block_timeout, self.flush_interval = block_timeout, flush_interval
         self.batch_lines, self.batch_bytes = batch_lines, batch_bytes
@@ -112,7 +142,13 @@ class StreamBuffer:
         # half the buffer when the buffer is smaller, so a healthy sink empties it in time.
         self.ready_lines = min(batch_lines, max(1, max_records // 2))
         self.ready_bytes = min(batch_bytes, max(1, max_bytes // 2))
+        # The queue plus a full inbox stays below both (see the module's docstring); 0
+        # without the GIL.
+        self._room_lines = min(self.ready_lines - 1, max_records) if _INBOX_OK else 0
+        self._room_bytes = min(self.ready_bytes - 1, max_bytes) if _INBOX_OK else 0
         self.clock = clock
+        #: Whether the metrics offer() takes are urgent (async mode) or wait (buffered mode).
+        self.offer_urgent = offer_urgent
         #: Called (outside the lock) by put() when no worker is running: the pipeline's.
         self._start_worker = start_worker
         #: ``on_full="spool"``: hands a record that does not fit to the spool's writer.
@@ -127,8 +163,10 @@ class StreamBuffer:
         self._busy = False  # the lock's holder is half way through a change
         self._folding = False  # _fold() is running: the puts it makes do not start another
         self._waiting: Set[int] = set()  # threads inside a wait of this buffer
-        self._side: Deque[Tuple[str, bytes, bool]] = collections.deque()  # see the docstring
+        #: See the docstring; ``urgent`` None marks an inbox record a close() left here.
+        self._side: Deque[Tuple[str, bytes, Optional[bool]]] = collections.deque()
         self._streams: Dict[str, _Stream] = {METRIC: _Stream(METRIC), ERROR: _Stream(ERROR)}
+        self._metric = self._streams[METRIC]  # offer()'s
         self._turn: List[_Stream] = list(self._streams.values())  # who the worker serves first
         self._worker_running = self._worker_idle = False
         self._worker_ident: Optional[int] = None  # the thread that takes batches
@@ -157,10 +195,41 @@ class StreamBuffer:
         """The worker returned; whether records wait for a new one (the buffer is open).
         A caller that queued one while the worker was dying saw it running and started none."""
         with self._lock:
+            self._fold_inboxes()
             self._worker_running = False
+            for s in self._streams.values():
+                self._revoke(s)  # put() starts the next worker
             return not self._closing and any(s.queue for s in self._streams.values())
 
     # -- the caller's side -------------------------------------------------
+    def offer(self, body: bytes) -> int:
+        """:meth:`put` of a metric, for a caller that will not wait for it: :data:`QUEUED`
+        when it went to the inbox without the lock (see the module's docstring), else what
+        put() returns. ``metric()``'s hot path: keep it short."""
+        s = self._metric
+        gen = s.gen
+        inbox = s.inbox
+        if len(inbox) < s.room and len(body) <= _INBOX_BODY:
+            inbox.append(body)
+            if s.gen == gen:
+                return QUEUED
+            return self._raced(s, body)
+        return self.put(METRIC, body, self.offer_urgent)
+
+    def _raced(self, s: _Stream, body: bytes) -> int:
+        """offer() appended as ``room``'s premise changed: put the body the ordinary way,
+        unless somebody folded it in already (an equal body is the same record)."""
+        urgent = self.offer_urgent
+        with self._lock:
+            try:
+                s.inbox.remove(body)
+            except ValueError:  # folded: queued, perhaps taken already
+                if urgent and s.queue and not self._busy:
+                    s.urgent = True
+                    self._wake_worker(s)
+                return QUEUED
+            return self.put(s.name, body, urgent)
+
     def put(self, stream: str, body: bytes, urgent: bool) -> int:
         """Append one body; returns its sequence number, or DROPPED, CLOSED or DEFERRED.
         ``urgent`` wakes the worker now; else it waits for a full batch, the interval or a flush.
@@ -174,35 +243,9 @@ class StreamBuffer:
                 if self._closing:
                     return CLOSED
                 s = self._streams[stream]
-                queue = s.queue
-                size = len(body)
-                if len(queue) >= self.max_records or s.bytes + size > self.max_bytes:
-                    s.urgent = True  # a full buffer is sent now, whatever the mode
-                    self._wake_worker(s)
-                    if not self._make_room(s, size):
-                        s.drops += 1  # not delivered by the next flush, either way
-                        if self._spill is not None and self._spill(stream, body):
-                            self._counts["spilled"] += 1
-                            s.spilled += 1
-                            return SPILLED
-                        self._dropped["buffer_full"] += 1
-                        return DROPPED
-                if not queue and not urgent:
-                    s.due = self.clock.monotonic() + self.flush_interval * (
-                        1.0 + _INTERVAL_JITTER * (2.0 * random.random() - 1.0)
-                    )
-                queue.append(body)
-                s.bytes += size
-                seq = s.enqueued = s.enqueued + 1
-                if urgent:
-                    s.urgent = True
-                # An idle worker is woken for urgent records, a ready batch, and the first
-                # record of an empty queue (whose due time may come before what it waits for).
-                if self._worker_idle and (
-                    urgent or len(queue) == 1 or len(queue) >= self.ready_lines
-                    or s.bytes >= self.ready_bytes
-                ):
-                    self._wake()
+                if s.inbox:
+                    self._fold_inbox(s)  # the older records first
+                seq = self._accept(s, body, urgent)
             finally:
                 self._busy = False
             if self._side and not self._folding:
@@ -211,6 +254,101 @@ class StreamBuffer:
             self._start_worker()
         return seq
 
+    def _accept(self, s: _Stream, body: bytes, urgent: bool) -> int:
+        """put()'s work, the lock held and ``_busy`` set."""
+        queue = s.queue
+        size = len(body)
+        if len(queue) >= self.max_records or s.bytes + size > self.max_bytes:
+            s.urgent = True  # a full buffer is sent now, whatever the mode
+            self._wake_worker(s)
+            if not self._make_room(s, size):
+                s.drops += 1  # not delivered by the next flush, either way
+                if self._spill is not None and self._spill(s.name, body):
+                    self._counts["spilled"] += 1
+                    s.spilled += 1
+                    return SPILLED
+                self._dropped["buffer_full"] += 1
+                return DROPPED
+        if not queue and not urgent:
+            s.due = self._due()
+        queue.append(body)
+        s.bytes += size
+        seq = s.enqueued = s.enqueued + 1
+        if urgent:
+            s.urgent = True
+        # _set_room(), inline: once the record is queued, no call may raise (a RecursionError
+        # near the limit would tell a caller that its queued record was not taken).
+        room = self._room_lines - len(queue)
+        bytes_room = (self._room_bytes - s.bytes) // _INBOX_BODY
+        if bytes_room < room:
+            room = bytes_room
+        s.room = room if room > 0 and (s.urgent or not self.offer_urgent) and not self._closing \
+            else 0
+        # An idle worker is woken for urgent records, a ready batch, and the first
+        # record of an empty queue (whose due time may come before what it waits for).
+        if self._worker_idle and (
+            urgent or len(queue) == 1 or len(queue) >= self.ready_lines
+            or s.bytes >= self.ready_bytes
+        ):
+            self._wake()
+        return seq
+
+    def _due(self) -> float:
+        return self.clock.monotonic() + self.flush_interval * (
+            1.0 + _INTERVAL_JITTER * (2.0 * random.random() - 1.0))
+
+    def _fold_inbox(self, s: _Stream) -> None:
+        """Queue what offer() left in ``s``'s inbox, oldest first (the lock held, ``_busy``
+        set, the buffer open). ``room`` kept them within the bounds; the few that racing
+        threads added beyond it are taken too: refusing them now would lose records whose
+        callers were told they were queued."""
+        queue, inbox = s.queue, s.inbox
+        first = not queue
+        if first and not s.urgent:
+            s.due = self._due()
+        count = size = 0
+        while inbox:
+            body = inbox.popleft()
+            queue.append(body)
+            size += len(body)
+            count += 1
+        s.bytes += size
+        s.enqueued += count
+        if self._worker_idle and (
+            s.urgent or first or len(queue) >= self.ready_lines or s.bytes >= self.ready_bytes
+        ):
+            self._wake()
+
+    def _fold_inboxes(self) -> None:
+        """Fold every stream's inbox (the lock held; not once closing: see :meth:`close`)."""
+        if self._closing or self._busy:
+            return
+        self._busy = True
+        try:
+            for s in self._streams.values():
+                if s.inbox:
+                    self._fold_inbox(s)
+                    self._set_room(s)
+        finally:
+            self._busy = False
+        if self._side and not self._folding:
+            self._fold()
+
+    def _set_room(self, s: _Stream) -> None:
+        """How many bodies offer() may leave in ``s``'s inbox now (the lock held)."""
+        n = len(s.queue)
+        if n and (s.urgent or not self.offer_urgent) and not self._closing:
+            room = min(self._room_lines - n, (self._room_bytes - s.bytes) // _INBOX_BODY)
+            s.room = room if room > 0 else 0
+        else:
+            s.room = 0
+
+    def _revoke(self, s: _Stream) -> None:
+        """What ``room`` assumed may not hold any more: callers racing it take their record
+        back (see the module's docstring)."""
+        s.room = 0
+        s.gen += 1
+
     def _fold(self) -> None:
         """Queue the records interrupting code left aside (the lock held, nothing half done)."""
         self._folding = True
@@ -218,7 +356,14 @@ class StreamBuffer:
             side = self._side
             while side:
                 stream, body, urgent = side.popleft()
-                if self.put(stream, body, urgent) == CLOSED:
+                if urgent is None:  # offered before a close() that could not fold it
+                    with self._lock:
+                        self._busy = True
+                        try:
+                            self._accept(self._streams[stream], body, False)
+                        finally:
+                            self._busy = False
+                elif self.put(stream, body, urgent) == CLOSED:
                     self._dropped["closed"] += 1  # its caller was told DEFERRED: count it here
         finally:
             self._folding = False
@@ -295,6 +440,7 @@ class StreamBuffer:
         """Ask the worker to send everything accepted so far; returns what to wait for. The
         flush reports on everything (lost, refused, pending) since the last one that completed."""
         with self._lock:
+            self._fold_inboxes()
             targets, firsts, drops = {}, {}, {}
             pending = False
             for s in self._streams.values():
@@ -349,6 +495,7 @@ class StreamBuffer:
             while True:
                 if self.stopped:
                     return None
+                self._fold_inboxes()
                 now = self.clock.monotonic()
                 next_due = None
                 turn = self._turn
@@ -399,6 +546,8 @@ class StreamBuffer:
         s.taken += len(batch)
         s.bytes -= body_bytes
         s.in_flight = True
+        self._revoke(s)
+        self._set_room(s)
         if not queue:
             s.urgent = False  # what is left of a partial take keeps its due time
         self._progress.notify_all()  # room for callers blocked on a full buffer
@@ -430,6 +579,7 @@ class StreamBuffer:
         with self._lock:
             taken = []
             for s in self._streams.values():
+                self._revoke(s)
                 if s.queue:
                     first = s.taken + 1
                     bodies = list(s.queue)
@@ -500,17 +650,29 @@ class StreamBuffer:
     def close(self) -> None:
         """Refuse new records and let the worker drain what is left."""
         with self._lock:
-            self._closing = True
+            self._close()
             self._hurry()
             self._progress.notify_all()
 
     def stop(self) -> None:
         """Tell the worker to return now (what is left stays pending)."""
         with self._lock:
-            self._closing = True
+            self._close()
             self.stopped = True
             self._wakeup.notify_all()
             self._progress.notify_all()
+
+    def _close(self) -> None:
+        """Fold the inboxes, then refuse new records: an offer() that raced this takes its
+        record back and is told CLOSED, as a put() would be (the lock held)."""
+        if self._busy:  # we interrupted this thread's own change: its holder folds them
+            for s in self._streams.values():
+                while s.inbox:
+                    self._side.append((s.name, s.inbox.popleft(), None))
+        self._fold_inboxes()
+        self._closing = True
+        for s in self._streams.values():
+            self._revoke(s)
 
     def failed(self, stream: str) -> int:
         """Records of ``stream`` the worker gave up on (read without the lock: for a log)."""
@@ -519,22 +681,26 @@ class StreamBuffer:
     def unsettled(self) -> Dict[str, int]:
         """Per stream, records accepted and not yet settled, read without the lock (which
         a thread cut short by the exit may hold)."""
-        return {name: s.enqueued - s.settled for name, s in list(self._streams.items())}
+        return {name: s.enqueued - s.settled + len(s.inbox)
+                for name, s in list(self._streams.items())}
 
     def queued(self) -> int:
         """Records waiting in the queues, not taken by the worker (read without the lock)."""
-        return sum(len(s.queue) for s in list(self._streams.values()))
+        return sum(len(s.queue) + len(s.inbox) for s in list(self._streams.values()))
 
     def undelivered(self) -> Dict[str, int]:
         """Per stream, the records that did not reach the sink: failed, dropped or pending."""
         with self._lock:
+            self._fold_inboxes()
             return {s.name: s.failed + s.drops - s.spilled + s.evicted + s.enqueued - s.settled
-                    - s.spooled_ahead for s in self._streams.values()}
+                    - s.spooled_ahead + len(s.inbox) for s in self._streams.values()}
 
     def snapshot(self) -> Dict[str, object]:
         with self._lock:
+            self._fold_inboxes()
             counts, streams = self._counts, self._streams.values()
-            enqueued = sum(s.enqueued for s in streams)
+            # An inbox left after close: offers that raced it and have not taken theirs back.
+            enqueued = sum(s.enqueued + len(s.inbox) for s in streams)
             enqueued += counts["spilled"]  # accepted for the spool: pending until written
             return {
                 "enqueued": enqueued, "delivered": counts["delivered"],

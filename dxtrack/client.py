@@ -196,7 +196,7 @@ class DXTrack:
         builder, pipeline = state
         body = builder.metric(name, value, metadata, timestamp)
         # _submit()'s put, inline: the common case (taken, nothing to wait for) costs no call.
-        seq = pipeline.put(METRIC, body, pipeline.metric_urgent)
+        seq = pipeline.offer(body)
         if seq <= 0 or pipeline.metric_waits:
             self._submit(pipeline, METRIC, [body], seqs=[seq])
 

@@ -9,6 +9,7 @@ a forked child (:mod:`dxtrack.forks`); :mod:`dxtrack.exits` closes it at the end
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 import time
 from typing import Callable, Dict, Optional, cast
@@ -58,7 +59,8 @@ class Pipeline:
             on_full=config.on_full, block_timeout=config.block_timeout,
             flush_interval=config.flush_interval, batch_lines=sink.max_batch_lines,
             batch_bytes=sink.max_batch_bytes, clock=clock, start_worker=self._start_worker,
-            spill=self._spill if config.on_full == "spool" else None)
+            spill=self._spill if config.on_full == "spool" else None,
+            offer_urgent=self.metric_urgent)
         if self.spool is not None and config.on_full == "spool":
             self.spiller = Spiller(self.spool, self.buffer.spilled, config.max_buffer_bytes)
         #: The caller's entry point: ``put(stream, body, urgent) -> sequence number``.
@@ -68,6 +70,13 @@ class Pipeline:
         if config.papertrail_hostport is not None:
             self.copies = _Copies(config, clock, log, self.buffer.put)
             self.put = self.copies.put
+        #: ``metric()``'s entry point, ``offer(body) -> put()'s answer``: without the lock
+        #: where it can (StreamBuffer.offer), when nobody waits for the record's number and
+        #: nothing copies it.
+        self.offer_ok = not self.metric_waits and self.copies is None
+        self.offer: Callable[[bytes], int] = (
+            self.buffer.offer if not self.metric_waits and self.copies is None
+            else functools.partial(self.put, METRIC, urgent=self.metric_urgent))
         self._closed_ok: Optional[bool] = None
         self._reset()
         self._tracked = tracked

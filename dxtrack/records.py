@@ -65,12 +65,15 @@ class RecordBuilder:
     fits in ``max_line_bytes``, the limit of the sink they go to."""
 
     __slots__ = ("_context", "_stage", "_run_id", "_default", "_datetime_format", "_max_body",
-                 "_joined", "_prefixes", "_context_part", "_stage_part", "_run_id_part",
+                 "_short", "_joined", "_prefixes", "_context_part", "_stage_part", "_run_id_part",
                  "_default_json")
 
     def __init__(self, config: Config, *, max_line_bytes: int = Sink.max_line_bytes) -> None:
         # The longest record JSON (with its brace, without the id) that fits once finalized.
         self._max_body = max_line_bytes - ID_OVERHEAD + 1
+        #: A body shorter than this is within the limit and has no metadata long enough to
+        #: nest as deep as orjson's limit: metric() checks nothing more.
+        self._short = min(_DEEP_METADATA_BYTES, self._max_body)
         self._context, self._stage, self._run_id = config.context, config.stage, config.run_id
         self._default: Dict[str, Any] = dict(config.default_metadata)
         self._datetime_format = config.timestamp_format == "datetime"
@@ -120,17 +123,25 @@ class RecordBuilder:
             timestamp)
         # Only the parts that vary are serialized; joined, they are byte for byte what orjson
         # writes for the whole record dict (tests/test_record_bytes.py), without the brace.
+        meta = None
         try:
             if prefix is None:
                 prefix = self._prefix(name)
             meta = self._default_json if metadata is self._default else _dumps(metadata)
-            if meta is None or len(meta) >= _DEEP_METADATA_BYTES:
-                raise TypeError  # the lenient path, or orjson's depth limit: see _record_bytes
+            if meta is None:
+                raise TypeError  # default_metadata needs the lenient path
             body = _join((prefix, _dumps(number), self._stage_part, meta, self._run_id_part,
                           _dumps(stamp)))
         except TypeError:  # a key that is not a str, or a value orjson does not know
+            meta = None
             body = self._record_bytes(name, number, metadata, stamp)
-        if len(body) >= self._max_body:  # the body has no brace: one byte short of the record
+        size = len(body)
+        if size < self._short:  # the common case: within the limit, metadata not that long
+            return body
+        if meta is not None and len(meta) >= _DEEP_METADATA_BYTES:
+            body = self._record_bytes(name, number, metadata, stamp)  # see _record_bytes
+            size = len(body)
+        if size >= self._max_body:  # the body has no brace: one byte short of the record
             raise ValueError(
                 f"metric {name!r} serializes to {len(body) + ID_OVERHEAD:,} bytes, over the "
                 f"Firehose record limit of {self._max_body + ID_OVERHEAD - 1:,} bytes: trim its "

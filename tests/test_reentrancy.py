@@ -15,6 +15,7 @@ import dis
 import functools
 import sys
 import threading
+import time
 import types
 import weakref
 from typing import Any, Callable, Iterator, List, Optional, Set, Tuple
@@ -31,8 +32,9 @@ def _code(*names: str) -> Set[types.CodeType]:
 
 
 #: The buffer's code that runs while its lock is held, on the caller's side and the worker's.
-CALLER_CODE = _code("put", "_fold", "_make_room")
-WORKER_CODE = _code("take", "_take_batch", "settle")
+CALLER_CODE = _code("offer", "_raced", "put", "_accept", "_fold", "_fold_inbox", "_fold_inboxes",
+                    "_make_room")
+WORKER_CODE = _code("take", "_fold_inboxes", "_take_batch", "settle")
 
 HANG = 20.0  # seconds after which a scenario counts as deadlocked
 
@@ -120,6 +122,20 @@ def record_inner(client: DXTrack) -> None:
     client.metric("inner", 1)
 
 
+def worker_waits_again(client: DXTrack) -> None:
+    """Return once the client's worker waits for work again: its lock is free (the wait let go
+    of it) and it said it is idle. A flush returns as the worker settles, before the worker's
+    last steps, which a busy machine would otherwise let the caller cut at any instruction."""
+    buffer = client._state[1].buffer
+    deadline = time.monotonic() + HANG
+    while time.monotonic() < deadline:
+        with buffer._lock:
+            if buffer._worker_idle:
+                return
+        time.sleep(0.001)
+    raise AssertionError("the worker never waited again")
+
+
 def interrupt(client: DXTrack) -> None:
     raise KeyboardInterrupt
 
@@ -170,6 +186,7 @@ class TestRecordingFromInterruptingCode:
             try:
                 client.metric("outer", 1)
                 client.flush(timeout=5)
+                worker_waits_again(client)  # every run counts the same instructions
             finally:
                 threading.settrace(None)  # type: ignore[arg-type]
                 tracer.armed = False  # what close() does is not the point here
