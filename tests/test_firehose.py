@@ -3,9 +3,10 @@
 moto enforces none of Firehose's limits and never reports a partial failure
 (see FACTS.md), so this file does both itself:
 
-* :class:`CallLog` is a botocore ``before-parameter-build`` handler on the
-  sink's own client: it sees every PutRecordBatch request, checks it against
-  the three limits and keeps its records.
+* :class:`CallLog` is a botocore ``before-sign`` handler on the sink's own
+  client: it reads every PutRecordBatch request as it will go on the wire (the
+  JSON body that dxtrack writes itself), even one that cannot be signed,
+  checks it against the three limits and keeps its records.
 * :class:`FaultInjector` is a ``before-send`` handler on the same client. It
   stands between botocore and the wire, so botocore parses its answers exactly
   as it would parse the service's: a throttled call gets a 503
@@ -38,15 +39,15 @@ import pytest
 from conftest import plain
 
 from dxtrack import Config, DXTrack, MemorySink, RetryPolicy
-from dxtrack.sinks.firehose import FirehoseSink
+from dxtrack.sinks.firehose import FirehoseSink, PreparedBodies
 
 # Firehose's limits, from the service documentation (not from dxtrack's own constants).
 MAX_CALL_RECORDS = 500
 MAX_CALL_BYTES = 4 * 1024 * 1024
 MAX_RECORD_BYTES = 1_024_000
 
-EVENT_PARAMS = "before-parameter-build.firehose.PutRecordBatch"
 EVENT_SEND = "before-send.firehose.PutRecordBatch"
+EVENT_SIGN = "before-sign.firehose.PutRecordBatch"
 ROLE = "arn:aws:iam::123456789012:role/dxtrack"
 METRIC_STREAM = "dxtrack-metric-input-dev"
 ERROR_STREAM = "dxtrack-error-input-dev"
@@ -56,7 +57,7 @@ LINE = re.compile(rb'\A(\{.*),"id":"([0-9a-f]{64})"\}\n\Z', re.S)
 
 # -- helpers -----------------------------------------------------------------------------
 class CallLog:
-    """Every PutRecordBatch request a client makes, checked against the three limits.
+    """Every PutRecordBatch request a client sends, checked against the three limits.
 
     An exception in a handler becomes the call's exception (which dxtrack
     treats as a passing failure), so violations are also kept in a list that
@@ -69,11 +70,13 @@ class CallLog:
         self._lock = threading.Lock()
 
     def attach(self, client: Any) -> CallLog:
-        client.meta.events.register(EVENT_PARAMS, self._check)
+        client.meta.events.register(EVENT_SIGN, self._check)
         return self
 
-    def _check(self, params: Dict[str, Any], **_: Any) -> None:
-        datas = [record["Data"] for record in params.get("Records", [])]
+    def _check(self, request: Any, **_: Any) -> None:
+        params = json.loads(request.body)
+        datas = [base64.b64decode(record["Data"], validate=True)
+                 for record in params.get("Records", [])]
         problems = []
         if not 1 <= len(datas) <= MAX_CALL_RECORDS:
             problems.append(f"{len(datas)} records in one call")
@@ -427,6 +430,51 @@ class TestLanding:
         assert packed_lines == sorted(landing.lines("unpacked"))
         assert len(logs[True].records(METRIC_STREAM)) == 1
         assert len(logs[False].records("unpacked-metrics")) == 2_000
+
+
+# -- the request body dxtrack writes ---------------------------------------------------------
+class TestPreparedBodies:
+    """PutRecordBatch bodies are written by dxtrack and handed to botocore before signing."""
+
+    def test_the_body_is_what_botocore_would_send_for_the_records(self, landing: Any) -> None:
+        client = boto3.client("firehose", **{k: v for k, v in landing.client_options().items()
+                                             if k != "stage"})
+        sent: List[bytes] = []
+        client.meta.events.register(EVENT_SIGN, lambda request, **_: sent.append(request.body))
+        data = [b"", b"x", bytes(range(256)) * 40, '"\\\n\u2028é🚀'.encode(), b"y" * 1000]
+        prepared = PreparedBodies()
+        prepared.install(client)
+        answer = prepared.call(client, METRIC_STREAM, data)
+        # botocore's own body for the same records (the handler leaves a plain call alone)
+        client.put_record_batch(DeliveryStreamName=METRIC_STREAM,
+                                Records=[{"Data": one} for one in data])
+        assert len(sent) == 2 and sent[0] != sent[1]  # botocore writes its JSON with spaces
+        assert json.loads(sent[0]) == json.loads(sent[1])
+        assert [r.get("RecordId") is not None for r in answer["RequestResponses"]] == [True] * 5
+        assert landing.objects("metric") == [b"".join(data), b"".join(data)]
+
+    def test_a_body_botocore_did_not_take_is_sent_again_its_way(
+        self, landing: Any, make_client: Any, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.WARNING, logger="dxtrack")
+        client = make_client(buffer_metrics=True, **landing.client_options())  # one batch
+        sink_client = client.sink.client()
+        log = CallLog().attach(sink_client)
+        # As a botocore that no longer emits before-call there would: the body stays botocore's.
+        sink_client.meta.events.unregister("before-call.firehose.PutRecordBatch",
+                                           unique_id=client.sink.prepared_bodies.unique_id)
+        for n in range(50):
+            client.metric("rows", n, timestamp=TIMESTAMP)
+        assert client.flush_metrics_buffer(timeout=30)
+        # The first call went out with the empty placeholders (they land as nothing) and
+        # counted as not delivered; the retry went as botocore builds it.
+        assert [len(datas) for _, datas in log.calls] == [1, 1]
+        assert log.calls[0][1] == [b""] and log.calls[1][1][0].count(b"\n") == 50
+        assert sorted(r["value"] for r in landing.records("metric")) == [float(n) for n in
+                                                                         range(50)]
+        stats = client.stats()
+        assert (stats["delivered"], stats["retried"], stats["failed"]) == (50, 50, 0)
+        assert messages(caplog, "sent again as botocore builds it")
 
 
 # -- the limits, on every call -----------------------------------------------------------
