@@ -28,6 +28,9 @@ batch ready (which wakes the worker). Whatever could break that premise (a take,
 close, stop, a worker that ended) bumps the stream's ``gen``; a caller that sees ``gen``
 move across its append takes its record back under the lock (if nobody folded it yet) and
 puts it the ordinary way, so it is never left behind, refused silently or counted twice.
+A take and a close bump ``gen`` *before* their last fold (other threads append while the
+lock is held): an append either comes before that fold and is folded, or sees ``gen`` move.
+In async mode the records a fold queues are urgent.
 Two threads can pass the ``room`` check at once, so the inbox may exceed ``room`` by one
 body per racing thread; the fold takes those too, so the bounds are exact for the queue and
 soft by at most that for the inbox. Without a GIL (free-threaded builds) ``room`` stays 0.
@@ -304,7 +307,9 @@ class StreamBuffer:
         callers were told they were queued."""
         queue, inbox = s.queue, s.inbox
         first = not queue
-        if first and not s.urgent:
+        if self.offer_urgent:
+            s.urgent = True  # async mode: an offered metric goes at once, wherever it waited
+        elif first and not s.urgent:
             s.due = self._due()
         count = size = 0
         while inbox:
@@ -526,6 +531,13 @@ class StreamBuffer:
                 self._worker_idle = False
 
     def _take_batch(self, s: _Stream) -> Tuple[str, List[bytes], int]:
+        # Revoke first, then fold: an offer() whose append came since take() folded (another
+        # thread's, while this one held the lock; a __del__ run on this one) saw the old gen
+        # and was told QUEUED, so it goes with this batch; one after this fold sees gen move
+        # and takes its record back. Cut first, and it waited behind an empty queue.
+        self._revoke(s)
+        if s.inbox and not self._closing:
+            self._fold_inbox(s)
         queue = s.queue
         limit_lines, limit_bytes = self.batch_lines, self.batch_bytes
         if len(queue) <= limit_lines and s.bytes + ID_OVERHEAD * len(queue) <= limit_bytes:
@@ -546,7 +558,6 @@ class StreamBuffer:
         s.taken += len(batch)
         s.bytes -= body_bytes
         s.in_flight = True
-        self._revoke(s)
         self._set_room(s)
         if not queue:
             s.urgent = False  # what is left of a partial take keeps its due time
@@ -663,16 +674,31 @@ class StreamBuffer:
             self._progress.notify_all()
 
     def _close(self) -> None:
-        """Fold the inboxes, then refuse new records: an offer() that raced this takes its
-        record back and is told CLOSED, as a put() would be (the lock held)."""
+        """Refuse new records, then fold the inboxes in (the lock held). In that order: an
+        offer() whose append comes after the fold takes its record back and is told CLOSED,
+        as a put() would be; one whose append came before it was told QUEUED, and the worker
+        drains its record. Fold first, and an append between the fold and the refusal was
+        told QUEUED and left in the inbox of a closed buffer."""
+        opening = not self._closing
+        self._closing = True
+        for s in self._streams.values():
+            self._revoke(s)
+        if not opening:
+            return  # what an inbox holds now is taken back by the offers that raced a close
         if self._busy:  # we interrupted this thread's own change: its holder folds them
             for s in self._streams.values():
                 while s.inbox:
                     self._side.append((s.name, s.inbox.popleft(), None))
-        self._fold_inboxes()
-        self._closing = True
-        for s in self._streams.values():
-            self._revoke(s)
+            return
+        self._busy = True
+        try:
+            for s in self._streams.values():
+                if s.inbox:
+                    self._fold_inbox(s)
+        finally:
+            self._busy = False
+        if self._side and not self._folding:
+            self._fold()
 
     def failed(self, stream: str) -> int:
         """Records of ``stream`` the worker gave up on (read without the lock: for a log)."""
