@@ -30,7 +30,8 @@ move across its append takes its record back under the lock (if nobody folded it
 puts it the ordinary way, so it is never left behind, refused silently or counted twice.
 A take and a close bump ``gen`` *before* their last fold (other threads append while the
 lock is held): an append either comes before that fold and is folded, or sees ``gen`` move.
-In async mode the records a fold queues are urgent.
+A fold is one call into C, so neither another thread nor an exception raised by a signal
+handler (Ctrl-C) can cut it in two; in async mode the records it queues are urgent.
 Two threads can pass the ``room`` check at once, so the inbox may exceed ``room`` by one
 body per racing thread; the fold takes those too, so the bounds are exact for the queue and
 soft by at most that for the inbox. Without a GIL (free-threaded builds) ``room`` stays 0.
@@ -39,6 +40,7 @@ soft by at most that for the inbox. Without a GIL (free-threaded builds) ``room`
 from __future__ import annotations
 
 import collections
+import itertools
 import random
 import sys
 import threading
@@ -213,7 +215,12 @@ class StreamBuffer:
         gen = s.gen
         inbox = s.inbox
         if len(inbox) < s.room and len(body) <= _INBOX_BODY:
-            inbox.append(body)
+            try:
+                inbox.append(body)
+            except BaseException:  # a signal handler's (Ctrl-C), raised as the append returned
+                if s.gen != gen:  # not left behind a take or a close it crossed
+                    self._raced(s, body)
+                raise
             if s.gen == gen:
                 return QUEUED
             return self._raced(s, body)
@@ -274,26 +281,30 @@ class StreamBuffer:
                 return DROPPED
         if not queue and not urgent:
             s.due = self._due()
-        queue.append(body)
-        s.bytes += size
+        length = len(queue) + 1
+        total = s.bytes + size
+        # An idle worker is woken for urgent records, a ready batch, and the first
+        # record of an empty queue (whose due time may come before what it waits for);
+        # before the append: it looks at the queue once the lock is let go.
+        if self._worker_idle and (
+            urgent or length == 1 or length >= self.ready_lines or total >= self.ready_bytes
+        ):
+            self._wake()
+        # No call from here but the append, the last step: an exception that a signal
+        # handler raises as a call returns (Ctrl-C) finds the record either not queued, or
+        # queued and counted; and a RecursionError near the limit cannot tell a caller that
+        # its queued record was not taken. _set_room(), inline.
+        s.bytes = total
         seq = s.enqueued = s.enqueued + 1
         if urgent:
             s.urgent = True
-        # _set_room(), inline: once the record is queued, no call may raise (a RecursionError
-        # near the limit would tell a caller that its queued record was not taken).
-        room = self._room_lines - len(queue)
-        bytes_room = (self._room_bytes - s.bytes) // _INBOX_BODY
+        room = self._room_lines - length
+        bytes_room = (self._room_bytes - total) // _INBOX_BODY
         if bytes_room < room:
             room = bytes_room
         s.room = room if room > 0 and (s.urgent or not self.offer_urgent) and not self._closing \
             else 0
-        # An idle worker is woken for urgent records, a ready batch, and the first
-        # record of an empty queue (whose due time may come before what it waits for).
-        if self._worker_idle and (
-            urgent or len(queue) == 1 or len(queue) >= self.ready_lines
-            or s.bytes >= self.ready_bytes
-        ):
-            self._wake()
+        queue.append(body)
         return seq
 
     def _due(self) -> float:
@@ -302,27 +313,33 @@ class StreamBuffer:
 
     def _fold_inbox(self, s: _Stream) -> None:
         """Queue what offer() left in ``s``'s inbox, oldest first (the lock held, ``_busy``
-        set, the buffer open). ``room`` kept them within the bounds; the few that racing
-        threads added beyond it are taken too: refusing them now would lose records whose
-        callers were told they were queued."""
+        set); the caller sets ``room`` again. ``room`` kept them within the bounds; the few
+        that racing threads added beyond it are taken too: refusing them now would lose
+        records whose callers were told they were queued."""
         queue, inbox = s.queue, s.inbox
+        s.room = 0  # until the caller sets it for the longer queue
+        count = len(inbox)
+        if not count:
+            return
+        size = sum(map(len, itertools.islice(inbox, count)))
+        moving = itertools.islice(iter(inbox.popleft, None), count)
         first = not queue
         if self.offer_urgent:
             s.urgent = True  # async mode: an offered metric goes at once, wherever it waited
         elif first and not s.urgent:
             s.due = self._due()
-        count = size = 0
-        while inbox:
-            body = inbox.popleft()
-            queue.append(body)
-            size += len(body)
-            count += 1
+        if self._worker_idle and (
+            s.urgent or first or len(queue) + count >= self.ready_lines
+            or s.bytes + size >= self.ready_bytes
+        ):
+            self._wake()  # before the move: the worker looks once the lock is let go
+        # No call from here but the move, one call into C (popleft() until ``count``) that
+        # neither another thread nor a signal handler can cut in two: an exception a handler
+        # raises as a call returns (Ctrl-C) finds the records all in the inbox, or all queued
+        # and counted; a loop here lost the body between its popleft() and its append.
         s.bytes += size
         s.enqueued += count
-        if self._worker_idle and (
-            s.urgent or first or len(queue) >= self.ready_lines or s.bytes >= self.ready_bytes
-        ):
-            self._wake()
+        queue.extend(moving)
 
     def _fold_inboxes(self) -> None:
         """Fold every stream's inbox (the lock held; not once closing: see :meth:`close`)."""
@@ -687,8 +704,12 @@ class StreamBuffer:
             return  # what an inbox holds now is taken back by the offers that raced a close
         if self._busy:  # we interrupted this thread's own change: its holder folds them
             for s in self._streams.values():
-                while s.inbox:
-                    self._side.append((s.name, s.inbox.popleft(), None))
+                count = len(s.inbox)
+                if count:  # one call into C, as in _fold_inbox
+                    self._side.extend(zip(
+                        itertools.repeat(s.name),
+                        itertools.islice(iter(s.inbox.popleft, None), count),
+                        itertools.repeat(None)))
             return
         self._busy = True
         try:

@@ -2,7 +2,8 @@
 
 Each race is made deterministic: a trace function stops the buffer's code at each of its
 instructions in turn (as tests/test_reentrancy.py does) and there lets another, real thread
-record. A record whose metric() returned must then be delivered once, in its thread's
+record, or raises KeyboardInterrupt where CPython runs a signal handler (right after a call
+returns). A record whose metric() returned must then be delivered once, in its thread's
 order, by the buffer's own timing rules (at once in async mode, at the interval in buffered
 mode: no flush, put or stats() comes to fold it in), or be refused as closed; and stats()
 must agree with what the sink got.
@@ -10,7 +11,9 @@ must agree with what the sink got.
 
 from __future__ import annotations
 
+import collections
 import dis
+import signal
 import sys
 import threading
 import types
@@ -128,6 +131,8 @@ TAKE_CODE = code_of("take", "_fold_inboxes", "_fold_inbox", "_set_room", "_take_
                     "_revoke")
 CLOSE_CODE = code_of("close", "_close", "_fold_inboxes", "_fold_inbox", "_set_room", "_revoke",
                      "_fold", "_accept")
+FOLD_CODE = code_of("put", "_accept", "_fold_inbox", "_fold_inboxes", "request_flush",
+                    "snapshot")
 
 
 class TestAnotherThreadRecordsDuringTheWorkersTake:
@@ -253,3 +258,129 @@ class TestAnotherThreadRecordsDuringClose:
 
         for n in each_instruction(code, lambda stop: scenario(stop, None)):
             scenario(Stop(code, n, lambda: None), n)
+
+
+class TestKeyboardInterruptWhileFolding:
+    """Ctrl-C lands right after a call returns. While the inbox is folded in, that was after
+    popleft() and before the append (a record gone), and before the counters (enqueued
+    behind the queue: later flushes said True before their records were sent)."""
+
+    @pytest.mark.parametrize("operation", ["flush", "stats", "long-metric"])
+    def test_after_every_call(self, operation: str) -> None:
+        def scenario(stop: Stop) -> None:
+            sink = MemorySink()
+            client = DXTrack()
+            client.configure(stage="test", context="c", run_id="r", sink=sink,
+                             buffer_metrics=True, flush_interval=INTERVAL)
+            for n in range(20):  # one locked put, then the inbox
+                client.metric("m", n)
+            call = {"flush": lambda: client.flush(timeout=5), "stats": client.stats,
+                    "long-metric": lambda: client.metric("m", 20, {"pad": "x" * 3000})}
+            interrupted = False
+            try:
+                traced(stop, call[operation])
+            except KeyboardInterrupt:
+                interrupted = True
+            for n in range(21, 25):  # metric() goes on; a flush is judged on what it sent
+                client.metric("m", n)
+            assert client.flush(timeout=5)
+            flushed = [int(r["value"]) for r in sink.records("metric")]
+            stats = client.stats()
+            assert client.close(timeout=5)
+            values = [int(r["value"]) for r in sink.records("metric")]
+            expected = list(range(25))
+            if operation != "long-metric" or (interrupted and 20 not in values):
+                expected.remove(20)  # not recorded, or its own call raised: at most once
+            assert values == expected, f"instruction {stop.n}: {values}"
+            assert flushed == values, f"instruction {stop.n}: the flush said True early"
+            assert (stats["enqueued"], stats["delivered"], stats["pending"]) == (
+                len(values), len(values), 0), f"instruction {stop.n}: {stats}"
+
+        def interrupt() -> None:
+            raise KeyboardInterrupt
+
+        for n in each_instruction(FOLD_CODE, scenario, only_after_calls=True):
+            scenario(Stop(FOLD_CODE, n, interrupt, only_after_calls=True))
+
+    @pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
+    def test_a_real_sigalrm_that_raises(self) -> None:
+        """A SIGALRM handler raising KeyboardInterrupt while the main thread records in
+        buffered mode: every metric() that returned is delivered once, stats() agree."""
+        if threading.current_thread() is not threading.main_thread():
+            pytest.skip("signals need the main thread")
+        sink = MemorySink()
+        client = DXTrack()
+        client.configure(stage="test", context="c", run_id="r", sink=sink, buffer_metrics=True,
+                         flush_interval=INTERVAL, max_buffer_records=1_000_000)
+
+        def on_alarm(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGALRM, on_alarm)
+        returned: Set[int] = set()
+        n = 0
+        try:
+            for attempt in range(300):
+                try:
+                    signal.setitimer(signal.ITIMER_REAL, 0.0002 + (attempt % 13) * 0.00005)
+                    while True:
+                        client.metric("m", n)
+                        returned.add(n)
+                        n += 1
+                except KeyboardInterrupt:
+                    n += 1
+                while True:
+                    try:
+                        signal.setitimer(signal.ITIMER_REAL, 0)
+                        break
+                    except KeyboardInterrupt:
+                        pass
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        assert client.flush(timeout=30)
+        stats = client.stats()
+        client.close(timeout=10)
+        counts = collections.Counter(int(r["value"]) for r in sink.records("metric"))
+        assert not [v for v in returned if counts[v] != 1], "records lost or duplicated"
+        assert max(counts.values()) == 1
+        delivered = sum(counts.values())
+        assert (stats["enqueued"], stats["delivered"], stats["pending"]) == (
+            delivered, delivered, 0)
+
+
+class TestKeyboardInterruptAfterTheAppend:
+    @pytest.mark.parametrize("urgent", [False, True], ids=["buffered", "async"])
+    def test_after_an_append_that_crossed_a_take(self, urgent: bool) -> None:
+        """Ctrl-C lands right after the append, before the caller looks at gen again: a take
+        had emptied the queue, so the record waited in the inbox for the next put or flush."""
+        buffer = make_buffer(urgent)
+        buffer.offer(body(0))
+        first: List[List[bytes]] = []
+
+        class Interrupted(collections.deque):
+            armed = True
+
+            def append(self, item: bytes) -> None:
+                if not self.armed:
+                    return super().append(item)
+                self.armed = False
+                buffer.request_flush()
+                batch = buffer.take(idle=0)
+                assert batch is not None and batch is not IDLE
+                buffer.settle(batch[0], batch[2], len(batch[1]), 0)
+                first.append(batch[1])
+                super().append(item)
+                raise KeyboardInterrupt  # as the append returns
+
+        buffer._metric.inbox = Interrupted()
+        with pytest.raises(KeyboardInterrupt):
+            buffer.offer(body(1))
+        assert first == [[body(0)]]
+        # The worker, back from sending body 0, may wait already: with an empty queue, no
+        # due time and nobody to wake it, it would not fold the inbox in.
+        assert not buffer._metric.inbox, "left in the inbox behind an empty queue"
+        sent = sent_by_the_rules(buffer, urgent)
+        assert sent in ([], [body(1)])  # its call raised: at most once, and then by the rules
+        stats = buffer.snapshot()
+        assert stats["pending"] == 0
