@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import operator
 import random
 import sys
 import threading
@@ -130,6 +131,23 @@ def _lose(s: _Stream, seq: int, count: int) -> None:
             old_seq, old_count = losses[0]
             s.forgotten = max(s.forgotten, old_seq + old_count - 1)
     losses.append((seq, count))
+
+
+def _take_back(inbox: Deque[bytes], body: bytes) -> bool:
+    """Remove ``body`` itself from ``inbox`` (the lock held); False when it is not there
+    (folded in). Not an equal body: that is another thread's record (same name, value and
+    timestamp), and taken back in its place it would go behind that thread's later ones."""
+    while True:
+        try:  # one call into C: other threads only append, and not meanwhile
+            i = list(map(operator.is_, inbox, itertools.repeat(body))).index(True)
+        except ValueError:
+            return False
+        try:
+            if inbox[i] is body:  # no call between this look and the del
+                del inbox[i]
+                return True
+        except IndexError:
+            pass  # code that interrupted this thread folded some in: look again
 
 
 class StreamBuffer:
@@ -228,12 +246,10 @@ class StreamBuffer:
 
     def _raced(self, s: _Stream, body: bytes) -> int:
         """offer() appended as ``room``'s premise changed: put the body the ordinary way,
-        unless somebody folded it in already (an equal body is the same record)."""
+        unless somebody folded it in already."""
         urgent = self.offer_urgent
         with self._lock:
-            try:
-                s.inbox.remove(body)
-            except ValueError:  # folded: queued, perhaps taken already
+            if not _take_back(s.inbox, body):  # folded: queued, perhaps taken already
                 if urgent and s.queue and not self._busy:
                     s.urgent = True
                     self._wake_worker(s)

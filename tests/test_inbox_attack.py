@@ -349,6 +349,46 @@ class TestKeyboardInterruptWhileFolding:
             delivered, delivered, 0)
 
 
+class TestTakingARecordBack:
+    def test_an_equal_body_of_another_thread_keeps_its_place(self) -> None:
+        """A caller whose append crossed a take takes back its own body, not an equal one
+        another thread queued since (a copy with the same name, value and timestamp):
+        that one would move behind the other thread's later records."""
+        buffer = make_buffer()
+        buffer.offer(body(0))
+        results: List[Any] = []
+
+        class Interleaved(collections.deque):
+            step: Optional[Callable[[], None]] = None
+
+            def append(self, item: bytes) -> None:
+                step, self.step = self.step, None
+                if step is not None:
+                    step()
+                super().append(item)
+
+        def others() -> None:
+            buffer.request_flush()
+            batch = buffer.take(idle=0)  # the worker takes body 0: gen moves
+            assert batch is not None and batch is not IDLE
+            buffer.settle(batch[0], batch[2], len(batch[1]), 0)
+            buffer.put(METRIC, body(1), False)  # the inbox opens again
+            results.append(buffer.offer(body(7)))  # thread B: 7, then 8
+            results.append(buffer.offer(body(8)))
+
+        inbox = Interleaved()
+        inbox.step = others
+        buffer._metric.inbox = inbox
+        buffer.offer(body(7))  # thread A checked room before the take; appends after it
+        assert results == [QUEUED, QUEUED]
+        buffer.request_flush()
+        batch = buffer.take(idle=0)
+        assert batch is not None and batch is not IDLE
+        sent = batch[1]
+        assert sent.count(body(7)) == 2
+        assert sent.index(body(7)) < sent.index(body(8)), f"B's 7 went after its 8: {sent}"
+
+
 class TestKeyboardInterruptAfterTheAppend:
     @pytest.mark.parametrize("urgent", [False, True], ids=["buffered", "async"])
     def test_after_an_append_that_crossed_a_take(self, urgent: bool) -> None:
