@@ -454,6 +454,12 @@ class StreamBuffer:
                 # garbage collector inside Condition.wait, say): waiting here would let go of
                 # the lock before that wait has registered, and its wake-up would be lost.
                 return False
+            if self._busy:
+                # Code that interrupted this thread's own change of the buffer (a signal
+                # handler that flushes): the wait would let go of the lock half way through,
+                # and other threads would find _busy set (their puts deferred behind their
+                # next metrics) or fold the inbox under the interrupted fold.
+                return False
             self._waiting.add(me)
             try:
                 # A record made once its stream was known to be failing is not waited for at

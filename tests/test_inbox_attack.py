@@ -424,3 +424,43 @@ class TestKeyboardInterruptAfterTheAppend:
         assert sent in ([], [body(1)])  # its call raised: at most once, and then by the rules
         stats = buffer.snapshot()
         assert stats["pending"] == 0
+
+
+class TestAFlushFromASignalHandler:
+    def test_that_interrupted_a_put_does_not_let_go_of_the_lock(self) -> None:
+        """A signal handler that flushes, run where a put() is half way through its change
+        (_busy set, the lock held): its wait let go of the lock, so another thread's put
+        found _busy set and went to the side queue (DEFERRED, as if it interrupted itself),
+        and that thread's next metric, through the inbox, was sent before it."""
+        code = code_of("put", "_accept", "_fold_inbox")
+
+        def scenario(stop: Stop) -> None:
+            sink = MemorySink()
+            client = DXTrack()
+            client.configure(stage="test", context="c", run_id="r", sink=sink,
+                             buffer_metrics=True, flush_interval=INTERVAL)
+            client.metric("m", 0)
+            client.metric("m", 1)  # in the inbox: the next put folds it in
+
+            def other() -> None:
+                client.metric("x", 1, {"pad": "y" * 3000})  # the locked path
+                client.metric("x", 2)  # the inbox, while it has room
+
+            holder: List[OtherThread] = []
+
+            def handler() -> None:
+                holder.append(OtherThread(other))
+                client.flush(timeout=0.5)
+
+            stop.action = handler
+            traced(stop, lambda: client.metric("m", 2, {"pad": "z" * 3000}))
+            if holder:
+                holder[0].value()
+            assert client.close(timeout=5)
+            sent = [(r["metric_name"], int(r["value"])) for r in sink.records("metric")]
+            assert [v for name, v in sent if name == "m"] == [0, 1, 2], sent
+            assert [v for name, v in sent if name == "x"] == ([1, 2] if holder else []), (
+                f"instruction {stop.n}: {sent}")
+
+        for n in each_instruction(code, scenario, only_after_calls=True):
+            scenario(Stop(code, n, lambda: None, only_after_calls=True))
