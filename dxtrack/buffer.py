@@ -28,6 +28,10 @@ batch ready (which wakes the worker). Whatever could break that premise (a take,
 close, stop, a worker that ended) bumps the stream's ``gen``; a caller that sees ``gen``
 move across its append takes its record back under the lock (if nobody folded it yet) and
 puts it the ordinary way, so it is never left behind, refused silently or counted twice.
+A take and a close bump ``gen`` *before* their last fold (other threads append while the
+lock is held): an append either comes before that fold and is folded, or sees ``gen`` move.
+A fold is one call into C, so neither another thread nor an exception raised by a signal
+handler (Ctrl-C) can cut it in two; in async mode the records it queues are urgent.
 Two threads can pass the ``room`` check at once, so the inbox may exceed ``room`` by one
 body per racing thread; the fold takes those too, so the bounds are exact for the queue and
 soft by at most that for the inbox. Without a GIL (free-threaded builds) ``room`` stays 0.
@@ -36,6 +40,8 @@ soft by at most that for the inbox. Without a GIL (free-threaded builds) ``room`
 from __future__ import annotations
 
 import collections
+import itertools
+import operator
 import random
 import sys
 import threading
@@ -127,6 +133,23 @@ def _lose(s: _Stream, seq: int, count: int) -> None:
     losses.append((seq, count))
 
 
+def _take_back(inbox: Deque[bytes], body: bytes) -> bool:
+    """Remove ``body`` itself from ``inbox`` (the lock held); False when it is not there
+    (folded in). Not an equal body: that is another thread's record (same name, value and
+    timestamp), and taken back in its place it would go behind that thread's later ones."""
+    while True:
+        try:  # one call into C: other threads only append, and not meanwhile
+            i = list(map(operator.is_, inbox, itertools.repeat(body))).index(True)
+        except ValueError:
+            return False
+        try:
+            if inbox[i] is body:  # no call between this look and the del
+                del inbox[i]
+                return True
+        except IndexError:
+            pass  # code that interrupted this thread folded some in: look again
+
+
 class StreamBuffer:
     """Per-stream queues bounded by ``max_records`` and ``max_bytes``."""
 
@@ -210,7 +233,12 @@ class StreamBuffer:
         gen = s.gen
         inbox = s.inbox
         if len(inbox) < s.room and len(body) <= _INBOX_BODY:
-            inbox.append(body)
+            try:
+                inbox.append(body)
+            except BaseException:  # a signal handler's (Ctrl-C), raised as the append returned
+                if s.gen != gen:  # not left behind a take or a close it crossed
+                    self._raced(s, body)
+                raise
             if s.gen == gen:
                 return QUEUED
             return self._raced(s, body)
@@ -218,12 +246,10 @@ class StreamBuffer:
 
     def _raced(self, s: _Stream, body: bytes) -> int:
         """offer() appended as ``room``'s premise changed: put the body the ordinary way,
-        unless somebody folded it in already (an equal body is the same record)."""
+        unless somebody folded it in already."""
         urgent = self.offer_urgent
         with self._lock:
-            try:
-                s.inbox.remove(body)
-            except ValueError:  # folded: queued, perhaps taken already
+            if not _take_back(s.inbox, body):  # folded: queued, perhaps taken already
                 if urgent and s.queue and not self._busy:
                     s.urgent = True
                     self._wake_worker(s)
@@ -271,26 +297,30 @@ class StreamBuffer:
                 return DROPPED
         if not queue and not urgent:
             s.due = self._due()
-        queue.append(body)
-        s.bytes += size
+        length = len(queue) + 1
+        total = s.bytes + size
+        # An idle worker is woken for urgent records, a ready batch, and the first
+        # record of an empty queue (whose due time may come before what it waits for);
+        # before the append: it looks at the queue once the lock is let go.
+        if self._worker_idle and (
+            urgent or length == 1 or length >= self.ready_lines or total >= self.ready_bytes
+        ):
+            self._wake()
+        # No call from here but the append, the last step: an exception that a signal
+        # handler raises as a call returns (Ctrl-C) finds the record either not queued, or
+        # queued and counted; and a RecursionError near the limit cannot tell a caller that
+        # its queued record was not taken. _set_room(), inline.
+        s.bytes = total
         seq = s.enqueued = s.enqueued + 1
         if urgent:
             s.urgent = True
-        # _set_room(), inline: once the record is queued, no call may raise (a RecursionError
-        # near the limit would tell a caller that its queued record was not taken).
-        room = self._room_lines - len(queue)
-        bytes_room = (self._room_bytes - s.bytes) // _INBOX_BODY
+        room = self._room_lines - length
+        bytes_room = (self._room_bytes - total) // _INBOX_BODY
         if bytes_room < room:
             room = bytes_room
         s.room = room if room > 0 and (s.urgent or not self.offer_urgent) and not self._closing \
             else 0
-        # An idle worker is woken for urgent records, a ready batch, and the first
-        # record of an empty queue (whose due time may come before what it waits for).
-        if self._worker_idle and (
-            urgent or len(queue) == 1 or len(queue) >= self.ready_lines
-            or s.bytes >= self.ready_bytes
-        ):
-            self._wake()
+        queue.append(body)
         return seq
 
     def _due(self) -> float:
@@ -299,25 +329,33 @@ class StreamBuffer:
 
     def _fold_inbox(self, s: _Stream) -> None:
         """Queue what offer() left in ``s``'s inbox, oldest first (the lock held, ``_busy``
-        set, the buffer open). ``room`` kept them within the bounds; the few that racing
-        threads added beyond it are taken too: refusing them now would lose records whose
-        callers were told they were queued."""
+        set); the caller sets ``room`` again. ``room`` kept them within the bounds; the few
+        that racing threads added beyond it are taken too: refusing them now would lose
+        records whose callers were told they were queued."""
         queue, inbox = s.queue, s.inbox
+        s.room = 0  # until the caller sets it for the longer queue
+        count = len(inbox)
+        if not count:
+            return
+        size = sum(map(len, itertools.islice(inbox, count)))
+        moving = itertools.islice(iter(inbox.popleft, None), count)
         first = not queue
-        if first and not s.urgent:
+        if self.offer_urgent:
+            s.urgent = True  # async mode: an offered metric goes at once, wherever it waited
+        elif first and not s.urgent:
             s.due = self._due()
-        count = size = 0
-        while inbox:
-            body = inbox.popleft()
-            queue.append(body)
-            size += len(body)
-            count += 1
+        if self._worker_idle and (
+            s.urgent or first or len(queue) + count >= self.ready_lines
+            or s.bytes + size >= self.ready_bytes
+        ):
+            self._wake()  # before the move: the worker looks once the lock is let go
+        # No call from here but the move, one call into C (popleft() until ``count``) that
+        # neither another thread nor a signal handler can cut in two: an exception a handler
+        # raises as a call returns (Ctrl-C) finds the records all in the inbox, or all queued
+        # and counted; a loop here lost the body between its popleft() and its append.
         s.bytes += size
         s.enqueued += count
-        if self._worker_idle and (
-            s.urgent or first or len(queue) >= self.ready_lines or s.bytes >= self.ready_bytes
-        ):
-            self._wake()
+        queue.extend(moving)
 
     def _fold_inboxes(self) -> None:
         """Fold every stream's inbox (the lock held; not once closing: see :meth:`close`)."""
@@ -415,6 +453,12 @@ class StreamBuffer:
                 # Code that interrupted this thread while it waits (a __del__ run by the
                 # garbage collector inside Condition.wait, say): waiting here would let go of
                 # the lock before that wait has registered, and its wake-up would be lost.
+                return False
+            if self._busy:
+                # Code that interrupted this thread's own change of the buffer (a signal
+                # handler that flushes): the wait would let go of the lock half way through,
+                # and other threads would find _busy set (their puts deferred behind their
+                # next metrics) or fold the inbox under the interrupted fold.
                 return False
             self._waiting.add(me)
             try:
@@ -526,6 +570,13 @@ class StreamBuffer:
                 self._worker_idle = False
 
     def _take_batch(self, s: _Stream) -> Tuple[str, List[bytes], int]:
+        # Revoke first, then fold: an offer() whose append came since take() folded (another
+        # thread's, while this one held the lock; a __del__ run on this one) saw the old gen
+        # and was told QUEUED, so it goes with this batch; one after this fold sees gen move
+        # and takes its record back. Cut first, and it waited behind an empty queue.
+        self._revoke(s)
+        if s.inbox and not self._closing:
+            self._fold_inbox(s)
         queue = s.queue
         limit_lines, limit_bytes = self.batch_lines, self.batch_bytes
         if len(queue) <= limit_lines and s.bytes + ID_OVERHEAD * len(queue) <= limit_bytes:
@@ -546,7 +597,6 @@ class StreamBuffer:
         s.taken += len(batch)
         s.bytes -= body_bytes
         s.in_flight = True
-        self._revoke(s)
         self._set_room(s)
         if not queue:
             s.urgent = False  # what is left of a partial take keeps its due time
@@ -663,16 +713,35 @@ class StreamBuffer:
             self._progress.notify_all()
 
     def _close(self) -> None:
-        """Fold the inboxes, then refuse new records: an offer() that raced this takes its
-        record back and is told CLOSED, as a put() would be (the lock held)."""
-        if self._busy:  # we interrupted this thread's own change: its holder folds them
-            for s in self._streams.values():
-                while s.inbox:
-                    self._side.append((s.name, s.inbox.popleft(), None))
-        self._fold_inboxes()
+        """Refuse new records, then fold the inboxes in (the lock held). In that order: an
+        offer() whose append comes after the fold takes its record back and is told CLOSED,
+        as a put() would be; one whose append came before it was told QUEUED, and the worker
+        drains its record. Fold first, and an append between the fold and the refusal was
+        told QUEUED and left in the inbox of a closed buffer."""
+        opening = not self._closing
         self._closing = True
         for s in self._streams.values():
             self._revoke(s)
+        if not opening:
+            return  # what an inbox holds now is taken back by the offers that raced a close
+        if self._busy:  # we interrupted this thread's own change: its holder folds them
+            for s in self._streams.values():
+                count = len(s.inbox)
+                if count:  # one call into C, as in _fold_inbox
+                    self._side.extend(zip(
+                        itertools.repeat(s.name),
+                        itertools.islice(iter(s.inbox.popleft, None), count),
+                        itertools.repeat(None)))
+            return
+        self._busy = True
+        try:
+            for s in self._streams.values():
+                if s.inbox:
+                    self._fold_inbox(s)
+        finally:
+            self._busy = False
+        if self._side and not self._folding:
+            self._fold()
 
     def failed(self, stream: str) -> int:
         """Records of ``stream`` the worker gave up on (read without the lock: for a log)."""
