@@ -19,8 +19,12 @@ $(VENV)/.dev-installed: setup.py | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
 	touch $@
 
+# The suite runs in WORKERS processes (pytest-xdist), each with its own moto server: two, as
+# on CI's 2-core machines. WORKERS=0 runs it in this one process, in file order.
+WORKERS ?= 2
+
 test: $(VENV)/.test-installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(WORKERS)
 
 # The whole suite with the process-pool matrix at full counts in every mode (about an hour).
 test-full: $(VENV)/.test-installed

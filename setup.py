@@ -35,6 +35,7 @@ setup(
             "duckdb>=1.1",
             "matplotlib>=3.6",
             "pytest>=7",
+            "pytest-xdist>=3.0",  # `make test` runs the suite in two processes
             "moto[server]>=5.0",
             "hypothesis>=6",
             "cfn-lint>=1.0",  # checks the template of `dxtrack setup --template`

@@ -10,6 +10,7 @@ import datetime as dt
 import decimal
 import hashlib
 import math
+import re
 import time
 import tracemalloc
 import types
@@ -36,8 +37,9 @@ UTC = dt.timezone.utc
 
 
 def short(value: Any) -> str:
-    """A test id that stays readable for huge values."""
-    return repr(value)[:40]
+    """A test id that stays readable for huge values, and is the same in every process
+    (no memory address: pytest-xdist's workers must collect the same ids)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))[:40]
 
 
 @pytest.fixture
