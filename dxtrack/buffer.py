@@ -33,8 +33,10 @@ lock is held): an append either comes before that fold and is folded, or sees ``
 A fold is one call into C, so neither another thread nor an exception raised by a signal
 handler (Ctrl-C) can cut it in two; in async mode the records it queues are urgent.
 Two threads can pass the ``room`` check at once, so the inbox may exceed ``room`` by one
-body per racing thread; the fold takes those too, so the bounds are exact for the queue and
-soft by at most that for the inbox. Without a GIL (free-threaded builds) ``room`` stays 0.
+body per racing thread; the fold takes those too (refusing them would lose records their
+callers were told were queued), so the bounds are soft by at most one record per thread that
+raced, and only when about ``max_records / 2`` threads pass the check at the same moment.
+Without a GIL (free-threaded builds) ``room`` stays 0.
 """
 
 from __future__ import annotations
