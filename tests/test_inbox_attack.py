@@ -12,7 +12,6 @@ must agree with what the sink got.
 from __future__ import annotations
 
 import collections
-import dis
 import signal
 import sys
 import threading
@@ -20,23 +19,11 @@ import types
 from typing import Any, Callable, Iterator, List, Optional, Set
 
 import pytest
+from test_inbox import HANG, INTERVAL, make_buffer  # noqa: E402
 
 from dxtrack import DXTrack, MemorySink
 from dxtrack.buffer import CLOSED, IDLE, QUEUED, StreamBuffer
 from dxtrack.records import METRIC
-from dxtrack.testing import ManualClock
-
-INTERVAL = 3600.0
-HANG = 10.0
-
-
-def make_buffer(urgent: bool = False, **options: Any) -> StreamBuffer:
-    settings: dict = dict(
-        max_records=1000, max_bytes=10**6, on_full="drop_newest", block_timeout=0.0,
-        flush_interval=INTERVAL, batch_lines=100, batch_bytes=10**6, clock=ManualClock(),
-        offer_urgent=urgent)
-    settings.update(options)
-    return StreamBuffer(**settings)
 
 
 def body(n: int) -> bytes:
@@ -47,15 +34,7 @@ def code_of(*names: str) -> Set[types.CodeType]:
     return {getattr(StreamBuffer, name).__code__ for name in names if hasattr(StreamBuffer, name)}
 
 
-def after_calls(code: types.CodeType) -> Set[int]:
-    """Offsets where CPython may run a signal handler: right after each call returns."""
-    offsets = set()
-    previous = None
-    for instruction in dis.get_instructions(code):
-        if previous is not None and previous.opname.startswith("CALL"):
-            offsets.add(instruction.offset)
-        previous = instruction
-    return offsets
+from test_reentrancy import after_calls  # noqa: E402
 
 
 class Stop:
