@@ -168,6 +168,7 @@ class TestRecordingFromInterruptingCode:
         def scenario(tracer: Interrupter, client: Optional[DXTrack] = None) -> None:
             client = client or new_client(**mode)
             client.metric("warm-up", 0)  # the worker runs; the trace watches what follows
+            worker_waits_again(client)  # every run starts from the same state
             sys.settrace(tracer)
             try:
                 client.metric("outer", 1)
@@ -204,6 +205,7 @@ class TestRecordingFromInterruptingCode:
         def scenario(tracer: Interrupter, client: Optional[DXTrack] = None) -> None:
             client = client or new_client(sync_timeout=3600)
             client.metric("warm-up", 0)
+            worker_waits_again(client)
             sys.settrace(tracer)
             try:
                 client.metric("outer", 1)
@@ -255,6 +257,7 @@ class TestKeyboardInterrupt:
         def scenario(tracer: Interrupter, client: Optional[DXTrack] = None) -> None:
             client = client or new_client(**mode)
             client.metric("warm-up", 0)
+            worker_waits_again(client)
             sys.settrace(tracer)
             try:
                 client.metric("interrupted", 1)
