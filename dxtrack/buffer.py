@@ -251,10 +251,7 @@ class StreamBuffer:
         unless somebody folded it in already."""
         urgent = self.offer_urgent
         with self._lock:
-            if not _take_back(s.inbox, body):  # folded: queued, perhaps taken already
-                if urgent and s.queue and not self._busy:
-                    s.urgent = True
-                    self._wake_worker(s)
+            if not _take_back(s.inbox, body):  # folded (urgent in async mode): queued
                 return QUEUED
             return self.put(s.name, body, urgent)
 
@@ -361,8 +358,11 @@ class StreamBuffer:
 
     def _fold_inboxes(self) -> None:
         """Fold every stream's inbox (the lock held; not once closing: see :meth:`close`)."""
-        if self._closing or self._busy:
-            return
+        if not self._closing and not self._busy:
+            self._fold_all()
+
+    def _fold_all(self) -> None:
+        """_fold_inboxes() without its guard: for close(), which refused new records first."""
         self._busy = True
         try:
             for s in self._streams.values():
@@ -735,15 +735,7 @@ class StreamBuffer:
                         itertools.islice(iter(s.inbox.popleft, None), count),
                         itertools.repeat(None)))
             return
-        self._busy = True
-        try:
-            for s in self._streams.values():
-                if s.inbox:
-                    self._fold_inbox(s)
-        finally:
-            self._busy = False
-        if self._side and not self._folding:
-            self._fold()
+        self._fold_all()  # room stays 0: the buffer is closing
 
     def failed(self, stream: str) -> int:
         """Records of ``stream`` the worker gave up on (read without the lock: for a log)."""
